@@ -1,0 +1,62 @@
+"""Command line: `python -m data_prep {train-tokenizer,build,verify} ...`."""
+
+import argparse
+import json
+import sys
+
+from data_prep.corpus import DataPrepError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with EOS and mask tokens")
+    train.add_argument("--input", nargs="+", required=True, help="corpus files or globs (.txt[.gz], .json[l][.gz], .parquet, .arrow)")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="directory to save the HF tokenizer files in")
+
+    build = commands.add_parser("build", help="tokenize a corpus into a Megatron <prefix>.bin/.idx dataset")
+    build.add_argument("--input", nargs="+", required=True, help="corpus files or globs")
+    build.add_argument("--tokenizer", required=True, help="local tokenizer directory or HF hub name")
+    build.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
+    build.add_argument("--text-field", default="text", help="document field of json/parquet/arrow records")
+    build.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    build.add_argument("--overwrite", action="store_true", help="rebuild even if a valid dataset exists")
+
+    verify = commands.add_parser("verify", help="check a <prefix>.bin/.idx dataset and print a JSON summary")
+    verify.add_argument("prefix")
+
+    args = parser.parse_args(argv)
+    # Imported here so `--help` and argument errors stay instant (megatron/torch load slowly).
+    try:
+        if args.command == "train-tokenizer":
+            from data_prep.tokenizer import train_bpe_tokenizer
+
+            tokenizer = train_bpe_tokenizer(args.input, args.vocab_size, args.out)
+            summary = {"out": args.out, "vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
+        elif args.command == "build":
+            from data_prep.build import build_indexed_dataset
+            from data_prep.tokenizer import load_tokenizer
+
+            summary = build_indexed_dataset(
+                args.input,
+                load_tokenizer(args.tokenizer),
+                args.output_prefix,
+                text_field=args.text_field,
+                workers=args.workers,
+                overwrite=args.overwrite,
+            )
+        else:
+            from data_prep.verify import verify_indexed_dataset
+
+            summary = verify_indexed_dataset(args.prefix)
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

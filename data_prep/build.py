@@ -1,0 +1,136 @@
+"""Tokenize a corpus into a Megatron indexed dataset: `<prefix>.bin` (token ids) + `<prefix>.idx`.
+
+One document per corpus document, each ending in EOS. The corpus is streamed and the
+output written as it goes, so memory stays flat however large the input. Files appear
+under their final names only once complete (write to temp names, then rename).
+"""
+
+import itertools
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from transformers import PreTrainedTokenizerBase
+
+from data_prep.corpus import DataPrepError, expand_paths, iter_documents
+from data_prep.verify import verify_indexed_dataset
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids.append(tokenizer.eos_token_id)
+    return np.asarray(ids, dtype=np.int64)
+
+
+# Worker processes get the tokenizer once, through the pool initializer, not once per document.
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer: PreTrainedTokenizerBase) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text: str) -> np.ndarray:
+    return encode(_worker_tokenizer, text)
+
+
+def _encoded_documents(documents, tokenizer, workers: int, chunksize: int = 64):
+    """Yield encode(tokenizer, doc) for each document, in corpus order."""
+    if workers == 1:
+        for text in documents:
+            yield encode(tokenizer, text)
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        # Pool.imap drains its input as fast as it can, which would pull the whole corpus
+        # into memory; feeding it bounded batches keeps memory flat. imap keeps order, so
+        # the output is byte-identical to workers=1.
+        batch_size = 16 * workers * chunksize
+        documents = iter(documents)  # islice must advance one shared iterator, not restart a list
+        while batch := list(itertools.islice(documents, batch_size)):
+            yield from pool.imap(_encode_in_worker, batch, chunksize)
+
+
+def _is_complete(prefix: str) -> bool:
+    if not (os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")):
+        return False
+    try:
+        verify_indexed_dataset(prefix)
+    except DataPrepError:
+        return False
+    return True
+
+
+def build_indexed_dataset(
+    paths: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    output_prefix: str,
+    text_field: str = "text",
+    workers: int = 1,
+    overwrite: bool = False,
+    log_every: float = 5.0,
+) -> dict:
+    """Tokenize the documents of `paths` into `<output_prefix>.bin/.idx`; return a summary dict.
+
+    An existing valid dataset at `output_prefix` is kept as is (resume) unless `overwrite`.
+    """
+    if workers < 1:
+        raise DataPrepError(f"workers must be at least 1, got {workers}")
+    files = expand_paths(paths)  # a typo in --input should fail even when there is nothing to do
+    if not overwrite and _is_complete(output_prefix):
+        print(f"{output_prefix}.bin/.idx exist and verify, skipping (pass overwrite to rebuild)", file=sys.stderr)
+        return {**verify_indexed_dataset(output_prefix), "skipped": True}
+    if tokenizer.eos_token_id is None:
+        raise DataPrepError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end documents with")
+
+    vocab_size = len(tokenizer)
+    dtype = DType.optimal_dtype(vocab_size)
+    dtype_max = np.iinfo(dtype).max
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
+
+    documents = tokens = 0
+    min_id, max_id = vocab_size, -1
+    start = last_log = time.monotonic()
+    try:
+        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
+        for ids in _encoded_documents(iter_documents(files, text_field), tokenizer, workers):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= vocab_size or hi > dtype_max:
+                raise DataPrepError(
+                    f"document {documents}: token id {hi if hi >= vocab_size else lo} outside the vocabulary "
+                    f"(size {vocab_size}) or the {np.dtype(dtype).name} range"
+                )
+            builder.add_document(ids, [len(ids)])
+            documents += 1
+            tokens += len(ids)
+            min_id, max_id = min(min_id, lo), max(max_id, hi)
+            if time.monotonic() - last_log >= log_every:
+                last_log = time.monotonic()
+                elapsed = last_log - start
+                print(
+                    f"{documents:,} docs {tokens:,} tokens | {documents / elapsed:,.0f} docs/s {tokens / elapsed:,.0f} tok/s",
+                    file=sys.stderr,
+                )
+        builder.finalize(tmp_prefix + ".idx")
+        # .idx last: a crash between the two renames leaves a new .bin with an old .idx,
+        # which fails verification (size mismatch) and so gets rebuilt next time.
+        os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
+        os.replace(tmp_prefix + ".idx", output_prefix + ".idx")
+    finally:
+        for leftover in (tmp_prefix + ".bin", tmp_prefix + ".idx"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+    seconds = time.monotonic() - start
+    return {
+        "documents": documents,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds),
+        "min_id": min_id,
+        "max_id": max_id,
+    }

@@ -1,0 +1,94 @@
+"""Stream documents out of local text/json/parquet/arrow files via HF `datasets`.
+
+Every failure raises DataPrepError with a one-line message naming the file, because a
+bad shard found an hour into a build is only useful if the error says which one.
+"""
+
+import glob
+import os
+from typing import Iterator
+
+from datasets import load_dataset
+
+
+class DataPrepError(ValueError):
+    """A problem with the user's inputs, reported as one line (the CLI exits 2)."""
+
+
+# Longest suffix first so "x.jsonl.gz" matches ".jsonl.gz" rather than nothing.
+_BUILDERS = {
+    ".txt": "text",
+    ".txt.gz": "text",
+    ".jsonl": "json",
+    ".jsonl.gz": "json",
+    ".json": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+
+
+def builder_for(path: str) -> str:
+    for suffix in sorted(_BUILDERS, key=len, reverse=True):
+        if path.endswith(suffix):
+            return _BUILDERS[suffix]
+    raise DataPrepError(f"{path}: unknown extension, expected one of {', '.join(_BUILDERS)}")
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Expand globs (sorted, so the corpus order is reproducible) and check every file exists."""
+    files = []
+    for pattern in paths:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise DataPrepError(f"{pattern}: glob matched no files")
+        else:
+            matches = [pattern]
+        for path in matches:
+            if not os.path.isfile(path):
+                raise DataPrepError(f"{path}: no such file")
+            builder_for(path)  # fail on a bad extension before reading anything
+            files.append(path)
+    return files
+
+
+def _records(path: str) -> Iterator[dict]:
+    builder = builder_for(path)
+    # "paragraph" makes each blank-line separated block one document (datasets
+    # decompresses .gz itself, by extension).
+    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        yield from load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
+    except UnicodeDecodeError as e:
+        raise DataPrepError(f"{path}: not valid UTF-8 text ({e.reason})") from e
+    except Exception as e:  # pyarrow / gzip / datasets errors: keep the gist, add the file name
+        gist = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataPrepError(f"{path}: cannot read as {builder}: {type(e).__name__}: {gist}") from e
+
+
+def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
+    """Yield the non-blank documents of every file, in order, one at a time.
+
+    `text_field` names the document column of json/parquet/arrow files; in .txt files
+    each paragraph is a document.
+    """
+    for path in expand_paths(paths):
+        is_text_file = builder_for(path) == "text"
+        field = "text" if is_text_file else text_field
+        documents = 0
+        for record in _records(path):
+            if field not in record:
+                raise DataPrepError(f"{path}: no field {field!r} (fields present: {', '.join(record) or 'none'})")
+            text = record[field]
+            if not isinstance(text, str):
+                raise DataPrepError(f"{path}: field {field!r} holds {type(text).__name__}, expected a string")
+            if is_text_file:
+                # Splitting on "\n\n" leaves the extra newlines of longer gaps on the paragraph.
+                text = text.strip("\n")
+            if not text.strip():
+                continue
+            documents += 1
+            yield text
+        if documents == 0:
+            raise DataPrepError(f"{path}: no documents (the file is empty or all blank)")

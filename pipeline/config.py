@@ -1,0 +1,323 @@
+"""Typed run configuration: YAML recipes in ``configs/`` plus dotted command-line overrides.
+
+A recipe reads like the paper's recipe; ``load_config("configs/tiny.yaml", ["train.lr=3e-4"])``
+returns a validated :class:`RunConfig`. Every mistake (unknown key, wrong type, impossible
+parallel layout) is a :class:`ConfigError` with one line naming the field and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """A decoder built by Megatron-Core's GPTModel, in one of two families.
+
+    llama: RMSNorm, SwiGLU, RoPE, no biases. gpt2: LayerNorm, GELU, learned absolute
+    positions, biases, tied embeddings.
+    """
+
+    family: Literal["llama", "gpt2"] = "llama"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
+    ffn_hidden_size: int = 688
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    tie_embeddings: bool = False
+    # "auto": Transformer Engine spec when TE and CUDA are present, else Megatron's local spec.
+    layer_spec: Literal["auto", "local", "te"] = "auto"
+    # Pad the vocabulary to a multiple of this times TP (Megatron's make-vocab-size-divisible-by).
+    vocab_divisible_by: int = 64
+
+
+@dataclass
+class DiffusionConfig:
+    """The masked-diffusion adaptation objective (METHOD.md)."""
+
+    # "diffusion" adapts; "ar" is plain next-token training (the AR starting point).
+    objective: Literal["diffusion", "ar"] = "diffusion"
+    eps: float = 1e-3  # t ~ U[eps, 1)
+    shift: bool = True  # logits at i predict token i+1 (DiffuGPT/DiffuLLaMA); False = LLaDA
+    # "masked": sum(w * ce) / #masked (paper); "sequence": sum(w * ce) / (B * L) (LLaDA/SMDM)
+    normalization: Literal["masked", "sequence"] = "masked"
+    anneal_steps: int = 10000  # causal -> bidirectional attention over this many steps; 0 = off
+    mask_token: str = "<|mask|>"  # a token of the tokenizer, used as the absorbing state
+    # Reuse an existing id as the mask instead (GPT-2 small: 10541, LLaMA-2: 811).
+    mask_token_id: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "runs/tiny/tokenizer"  # HF tokenizer name or folder
+    # Prepared Megatron datasets (.bin/.idx prefixes) with blend weights.
+    prefixes: list[str] = field(default_factory=lambda: ["runs/tiny/data/jargon"])
+    weights: Optional[list[float]] = None
+    split: str = "95,5,0"  # train, valid, test
+    seq_length: int = 128
+    cache_dir: str = "runs/tiny/data/cache"
+    # For the embedded default: raw corpus files to tokenize when the prefixes do not exist,
+    # and the vocabulary size of the BPE tokenizer trained on them when the tokenizer is absent.
+    corpus: list[str] = field(default_factory=list)
+    tokenizer_vocab_size: int = 4096
+
+
+@dataclass
+class ParallelConfig:
+    nproc_per_node: int = 1  # processes launched on each node (GPUs, or CPU ranks)
+    nnodes: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    distributed_optimizer: bool = False  # needs reduce-scatter: NCCL, not gloo
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 4
+    save_interval: int = 100
+    # Start from this Megatron checkpoint's weights (fresh optimizer and schedule).
+    init_checkpoint: Optional[str] = None
+
+
+@dataclass
+class InitConfig:
+    """Where the autoregressive starting point comes from."""
+
+    # "ar_pretrain": no AR checkpoint is available offline, so train one first (the tiny
+    # default); "checkpoint": train.init_checkpoint names a Megatron checkpoint.
+    source: Literal["ar_pretrain", "checkpoint"] = "ar_pretrain"
+    ar_steps: int = 300
+    ar_lr: float = 1e-3
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "The hacker"
+    infill_prefix: str = "A hacker is a person who"
+    infill_suffix: str = "of programmable systems."
+    infill_length: int = 12
+    length: int = 48
+    steps: int = 48
+    temperature: float = 0.9
+    top_p: float = 0.9
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    output_dir: str = "runs"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.nproc_per_node * self.parallel.nnodes
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that shape the model (what a checkpoint must agree with)."""
+        shape = json.dumps(dataclasses.asdict(self.model), sort_keys=True)
+        return hashlib.sha256(shape.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides and validation
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a dataclass field annotation, converting what YAML can't say."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(annotation, value, where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _build(cls: type, values: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need more than one field: the parallel layout and the batch shape."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    for name in ("nproc_per_node", "nnodes", "tp", "pp", "cp"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}: expected >= 1, got {getattr(p, name)}")
+    model_parallel = p.tp * p.pp * p.cp
+    if cfg.world_size % model_parallel:
+        raise ConfigError(
+            f"parallel: world size {cfg.world_size} (nnodes x nproc_per_node) is not divisible "
+            f"by tp*pp*cp = {model_parallel}"
+        )
+    dp = cfg.data_parallel_size
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size: expected a multiple of micro_batch_size x data-parallel "
+            f"size = {t.micro_batch_size} x {dp}, got {t.global_batch_size}"
+        )
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp: {p.tp} does not divide model.num_attention_heads={m.num_attention_heads}"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups or groups % p.tp:
+        raise ConfigError(
+            f"model.num_query_groups: {groups} must divide num_attention_heads "
+            f"({m.num_attention_heads}) and be divisible by parallel.tp ({p.tp})"
+        )
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads "
+            f"({m.num_attention_heads})"
+        )
+    if m.num_layers % p.pp:
+        raise ConfigError(f"parallel.pp: {p.pp} does not divide model.num_layers={m.num_layers}")
+    if cfg.data.seq_length % (2 * p.cp) and p.cp > 1:
+        raise ConfigError(f"data.seq_length: must be divisible by 2 x parallel.cp = {2 * p.cp}")
+    if cfg.data.seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_length: {cfg.data.seq_length} exceeds model.max_position_embeddings "
+            f"({m.max_position_embeddings})"
+        )
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.prefixes):
+        raise ConfigError(
+            f"data.weights: expected {len(cfg.data.prefixes)} weights (one per prefix), "
+            f"got {len(cfg.data.weights)}"
+        )
+    if not 0.0 < cfg.diffusion.eps < 1.0:
+        raise ConfigError(f"diffusion.eps: expected 0 < eps < 1, got {cfg.diffusion.eps}")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML recipe, apply ``section.key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for override in overrides:
+        _apply_override(tree, override)
+    cfg = _build(RunConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,63 @@
+"""torch.distributed and Megatron-Core parallel state for one training process.
+
+Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+NCCL on GPUs, gloo on CPU; without CUDA the CPU mapping of ``megatron_ext.cpu_compat`` is
+applied before any Megatron-Core model code runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from pipeline.config import RunConfig
+
+
+def init_distributed(cfg: RunConfig, timeout_minutes: int = 10) -> None:
+    if not torch.cuda.is_available():
+        from megatron_ext.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if cfg.parallel.distributed_optimizer and dist.get_backend() == "gloo" and cfg.data_parallel_size > 1:
+        raise RuntimeError("parallel.distributed_optimizer: needs NCCL (GPUs); gloo has no reduce-scatter")
+    if dist.get_world_size() != cfg.world_size:
+        raise RuntimeError(
+            f"parallel: the launcher started {dist.get_world_size()} processes but the config "
+            f"asks for nnodes x nproc_per_node = {cfg.world_size}"
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.parallel.tp,
+        pipeline_model_parallel_size=cfg.parallel.pp,
+        context_parallel_size=cfg.parallel.cp,
+    )
+    # The same global seed on every rank: CPU-initialised master weights are then identical
+    # whatever the parallel layout (Megatron splits them after drawing).
+    torch.manual_seed(cfg.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+
+
+def shutdown_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_logging_rank() -> bool:
+    """The last pipeline stage's first rank: it holds the loss."""
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )

@@ -1,0 +1,238 @@
+"""The training loop: one process of a (possibly multi-node) Megatron-Core job.
+
+    torchrun --nproc-per-node N -m pipeline.train --config resolved.yaml --out runs/x/adapt
+
+The same loop runs the autoregressive stage (``diffusion.objective=ar``) and the diffusion
+adaptation, on CPU with gloo or on GPUs with NCCL, at any TP / PP / DP layout: Megatron-Core
+provides the model, the DDP wrapper, the optimizer, the LR schedule, the pipeline schedule
+and the checkpoints; ``megatron_ext`` provides the objective and the attention schedule.
+The run resumes from the latest checkpoint under ``--out`` when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext.attention import (
+    anneal_ratio,
+    annealed_attention_mask,
+    attention_phase,
+    set_attn_mask_type,
+)
+from megatron_ext.diffusion import diffusion_loss, diffusion_targets, sample_noise
+from megatron_ext.mask_token import resolve_mask_id
+from megatron_ext.model import build_gpt_model
+from pipeline import checkpoint
+from pipeline.config import RunConfig, load_config
+from pipeline.data import build_datasets, megatron_tokenizer, micro_batches
+from pipeline.distributed import init_distributed, is_logging_rank, shutdown_distributed
+from pipeline.metrics import MetricsLogger
+
+# Validation draws its noise from a seed of its own, fixed across evaluations, so the
+# validation loss of different steps is measured on the same corruptions.
+_VALIDATION_SEED_OFFSET = 99_991
+
+
+class Objective:
+    """Turns a micro-batch into model inputs and its loss, for the AR or diffusion objective."""
+
+    def __init__(self, cfg: RunConfig, mask_id: int, seed: int):
+        self.cfg = cfg
+        self.mask_id = mask_id
+        self.seed = seed
+
+    def forward_step(self, step: int, data_iterator, model):
+        batch = next(data_iterator)
+        d = self.cfg.diffusion
+        length = batch.tokens.shape[1]
+        position_ids = torch.arange(length).unsqueeze(0).expand_as(batch.tokens)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        if d.objective == "ar":
+            inputs, labels = batch.tokens, batch.labels
+            loss_mask = torch.ones_like(labels, dtype=torch.bool)
+            t = torch.ones(labels.shape[0])
+            attention_mask = None  # the causal mask type supplies it
+        else:
+            noised = sample_noise(batch.tokens, batch.sample_ids, self.seed, d.eps, self.mask_id)
+            labels, loss_mask = diffusion_targets(batch.tokens, batch.labels, noised.masked, d.shift)
+            inputs, t = noised.tokens, noised.t
+            attention_mask = annealed_attention_mask(step, d.anneal_steps, length, self.seed)
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(device)
+        token_ce = model(
+            inputs.to(device), position_ids.to(device), attention_mask, labels=labels.to(device)
+        )
+        normalization = "masked" if d.objective == "ar" else d.normalization
+        return token_ce, partial(self._loss, loss_mask.to(device), t.to(device), normalization)
+
+    @staticmethod
+    def _loss(loss_mask, t, normalization, token_ce):
+        loss, counted = diffusion_loss(token_ce, loss_mask, t, normalization)
+        # clone: the schedule divides the returned loss in place by the micro-batch count.
+        return loss, {"loss": loss.detach().clone(), "counted_tokens": counted.detach().float()}
+
+
+def build_optimizer(cfg: RunConfig, model):
+    t = cfg.train
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            clip_grad=t.grad_clip,
+            bf16=t.precision in ("bf16", "fp8"),
+            params_dtype=torch.bfloat16 if t.precision in ("bf16", "fp8") else torch.float32,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ),
+        [model],
+    )
+    decay_style = {"cosine": "cosine", "constant": "constant", "linear": "linear"}[t.lr_schedule]
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if t.warmup_steps else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=t.steps,
+        lr_decay_style=decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def run_steps(cfg, model, objective, dataset, step, forward_only):
+    """One global batch through the pipeline schedule; returns the mean loss (logging rank)."""
+    t = cfg.train
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(objective.forward_step, step),
+        data_iterator=micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size),
+        model=[model],
+        num_microbatches=t.global_batch_size // (t.micro_batch_size * cfg.data_parallel_size),
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    loss = torch.stack([entry["loss"] for entry in losses]).mean()
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss.item() / parallel_state.get_data_parallel_world_size()
+
+
+def evaluate(cfg, model, objective, dataset) -> float | None:
+    model.eval()
+    val_objective = Objective(cfg, objective.mask_id, objective.seed + _VALIDATION_SEED_OFFSET)
+    with torch.no_grad():
+        losses = [
+            run_steps(cfg, model, val_objective, dataset, i, forward_only=True)
+            for i in range(cfg.train.eval_iters)
+        ]
+    model.train()
+    return None if losses[0] is None else sum(losses) / len(losses)
+
+
+def train(cfg: RunConfig, out_dir: Path) -> None:
+    init_distributed(cfg)
+    tokenizer = megatron_tokenizer(cfg.data.tokenizer)
+    mask_id = resolve_mask_id(tokenizer, cfg.diffusion.mask_token, cfg.diffusion.mask_token_id)
+    model = build_gpt_model(
+        cfg.model, cfg.parallel, cfg.train.precision, tokenizer.vocab_size, cfg.data.seq_length
+    )
+    model = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.distributed_optimizer),
+        model,
+    )
+    optimizer, scheduler = build_optimizer(cfg, model)
+    train_set, valid_set = build_datasets(cfg, tokenizer, cfg.train.steps)
+
+    ckpt_root = out_dir / "checkpoints"
+    start = 0
+    resume = checkpoint.latest_checkpoint(ckpt_root)
+    if resume is not None:
+        start = checkpoint.load_checkpoint(resume, model, optimizer, scheduler)
+        _print0(f"resumed from {resume} at step {start}")
+    elif cfg.train.init_checkpoint:
+        init = Path(cfg.train.init_checkpoint)
+        source = checkpoint.latest_checkpoint(init) or init
+        checkpoint.load_checkpoint(source, model)
+        _print0(f"initialised weights from {source}")
+
+    objective = Objective(cfg, mask_id, cfg.train.seed)
+    logger = None
+    if is_logging_rank():
+        logger = MetricsLogger(out_dir, cfg.train.steps, start, cfg.wandb_mode,
+                               f"{cfg.name}-{out_dir.name}", cfg.to_dict())
+    manifest = {"config_fingerprint": cfg.fingerprint(), "vocab_size": tokenizer.vocab_size,
+                "mask_token_id": mask_id, "objective": cfg.diffusion.objective}
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    train_seconds, steps_timed = 0.0, 0
+    for step in range(start, cfg.train.steps):
+        set_attn_mask_type(model, attention_phase(cfg.diffusion.objective, step, cfg.diffusion.anneal_steps))
+        values = {}
+        if step == start and start == 0:
+            # The starting point's validation loss, before any update of this stage.
+            values["val_loss_before"] = evaluate(cfg, model, objective, valid_set)
+        began = time.time()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = run_steps(cfg, model, objective, train_set, step, forward_only=False)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        train_seconds += time.time() - began
+        steps_timed += 1
+        last = step + 1 == cfg.train.steps
+        if (step + 1) % cfg.train.log_interval == 0 or last:
+            values.update(
+                loss=loss,
+                lr=scheduler.get_lr(optimizer.param_groups[0]),
+                grad_norm=grad_norm,
+                anneal_ratio=1.0 if cfg.diffusion.objective == "ar"
+                else anneal_ratio(step, cfg.diffusion.anneal_steps),
+                tokens_per_s=steps_timed * tokens_per_step / max(train_seconds, 1e-9),
+            )
+            train_seconds, steps_timed = 0.0, 0
+        if (step + 1) % cfg.train.eval_interval == 0 or last:
+            values["val_loss"] = evaluate(cfg, model, objective, valid_set)
+        if logger is not None and values:
+            logger.log(step, values)
+        if (step + 1) % cfg.train.save_interval == 0 or last:
+            checkpoint.save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, manifest)
+    if logger is not None:
+        logger.close()
+    shutdown_distributed()
+
+
+def _print0(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True, help="stage directory (checkpoints, metrics)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    train(load_config(args.config, args.overrides), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

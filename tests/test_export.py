@@ -1,0 +1,143 @@
+"""pipeline.export / pipeline.hf_model: a trained Megatron checkpoint as a transformers model.
+
+A tiny GQA model is trained for a few steps under torchrun (once per module); its HF export
+must give the Megatron model's logits, bidirectional and causal, and an export of a TP=2
+checkpoint must hold the same tensors as the TP=1 model it was resharded from.
+"""
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from megatron.core.transformer.enums import AttnMaskType
+from safetensors.torch import load_file
+
+from data_prep.build import build_indexed_dataset
+from data_prep.tokenizer import train_bpe_tokenizer
+from megatron_ext.attention import set_attn_mask_type
+from pipeline.config import load_config
+from pipeline.export import build_single_process_model, export_to_hf, llama_state_dict, load_megatron_model
+from pipeline.hf_model import diffusion_logits, load_diffusion_lm
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "assets" / "corpus" / "jargon-4.4.7.txt.gz"
+# Padded to 576 rows at TP=1 and 640 at TP=2: the export must load the checkpoint's padding
+# and cut it off.
+VOCAB = 520
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    text = root / "corpus.txt"
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        text.write_text(f.read(200_000), encoding="utf-8")
+    tokenizer = train_bpe_tokenizer([str(text)], VOCAB, str(root / "tokenizer"))
+    build_indexed_dataset([str(text)], tokenizer, str(root / "data" / "corpus"))
+    recipe = {
+        "name": "export",
+        "output_dir": str(root / "runs"),
+        "wandb_mode": "disabled",
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+                  "ffn_hidden_size": 172, "max_position_embeddings": 64, "rotary_base": 500.0},
+        "data": {"tokenizer": str(root / "tokenizer"), "prefixes": [str(root / "data" / "corpus")],
+                 "seq_length": 64, "cache_dir": str(root / "cache")},
+        "diffusion": {"objective": "diffusion", "anneal_steps": 0},
+        "train": {"steps": 3, "micro_batch_size": 4, "global_batch_size": 8, "lr": 1e-2,
+                  "log_interval": 1, "eval_interval": 100, "eval_iters": 1, "save_interval": 3},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train(recipe: Path, out: Path, nproc: int, *overrides: str) -> Path:
+    """Run pipeline.train under torchrun; returns the checkpoints root."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "pipeline.train", "--config", str(recipe), "--out", str(out),
+               f"parallel.nproc_per_node={nproc}", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def trained(recipe):
+    cfg = load_config(recipe)
+    ckpt = train(recipe, recipe.parent / "runs" / "tp1", 1)
+    return cfg, ckpt, export_to_hf(cfg, ckpt, recipe.parent / "hf")
+
+
+def megatron_logits(model, input_ids, mask_type):
+    set_attn_mask_type(model, mask_type)
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    with torch.no_grad():
+        return model(input_ids, positions, None)
+
+
+def fresh_llama_weights(cfg):
+    """The weights every layout initialises from (same seed), in the export's layout."""
+    return llama_state_dict(build_single_process_model(cfg, VOCAB), cfg, VOCAB)
+
+
+def test_export_writes_a_llama_folder(trained):
+    cfg, _, out = trained
+    model, tokenizer = load_diffusion_lm(str(out))
+    assert len(tokenizer) == VOCAB
+    assert model.lm_head.weight.shape == (VOCAB, cfg.model.hidden_size)
+    assert model.config.num_key_value_heads == 2
+    assert model.config.mask_token_id == tokenizer.convert_tokens_to_ids(cfg.diffusion.mask_token)
+    assert model.config.bidirectional_attention is True
+    assert model.config.diffusion_shift is True
+    assert not model.training and model.dtype == torch.float32
+    assert not list(out.parent.glob(f".{out.name}.*")), "staging folders left behind"
+
+
+def test_export_holds_trained_weights_not_the_init(trained):
+    cfg, _, out = trained
+    exported = load_file(out / "model.safetensors")
+    fresh = fresh_llama_weights(cfg)
+    assert exported.keys() == fresh.keys()
+    assert all(not torch.equal(exported[k], fresh[k]) for k in exported if not k.endswith("norm.weight"))
+
+
+def test_hf_logits_equal_megatron_logits(trained):
+    cfg, ckpt, out = trained
+    megatron = load_megatron_model(cfg, ckpt, VOCAB)
+    model, _ = load_diffusion_lm(str(out))
+    ids = torch.randint(0, VOCAB, (2, cfg.data.seq_length), generator=torch.Generator().manual_seed(0))
+
+    bidirectional = megatron_logits(megatron, ids, AttnMaskType.no_mask)[..., :VOCAB]
+    torch.testing.assert_close(diffusion_logits(model, ids), bidirectional, atol=1e-4, rtol=0)
+    causal = megatron_logits(megatron, ids, AttnMaskType.causal)[..., :VOCAB]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, causal, atol=1e-4, rtol=0)
+    assert (bidirectional - causal).abs().max() > 1e-2
+
+
+def test_diffusion_logits_see_the_future(trained):
+    _, _, out = trained
+    model, _ = load_diffusion_lm(str(out))
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    later = ids.clone()
+    later[0, -1] = (later[0, -1] + 1) % VOCAB
+    assert (diffusion_logits(model, ids)[0, 0] - diffusion_logits(model, later)[0, 0]).abs().max() > 1e-6
+
+
+def test_tp2_checkpoint_exports_like_tp1(recipe):
+    # lr = 0: the step leaves the weights at their initialisation, which is the same at every
+    # layout, so the resharded TP=2 checkpoint must export exactly the TP=1 initial model.
+    ckpt = train(recipe, recipe.parent / "runs" / "tp2", 2, "parallel.tp=2", "train.steps=1",
+                 "train.save_interval=1", "train.lr=0")
+    cfg = load_config(recipe, ["parallel.nproc_per_node=2", "parallel.tp=2"])
+    exported = load_file(export_to_hf(cfg, ckpt, recipe.parent / "hf_tp2") / "model.safetensors")
+    fresh = fresh_llama_weights(cfg)
+    assert exported.keys() == fresh.keys()
+    for key in exported:
+        torch.testing.assert_close(exported[key], fresh[key], atol=0, rtol=0, msg=key)
