@@ -8,17 +8,24 @@ i+1 is masked. Without the shift (LLaDA) logits at i are scored against x0[i].
 
 Noise is a pure function of (seed, global sample index): the same sample draws the same t
 and mask whatever the data-parallel layout, and a resumed run draws what an uninterrupted
-one would.
+one would. Optionally (MDLM's variance reduction) the t of a global batch are stratified:
+t_j = eps + (1 - eps) * frac(u + j / B) with one u per batch, so every batch covers [eps, 1)
+evenly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-# Large odd multiplier so (seed, sample) pairs map to distinct generator seeds.
-_SEED_STRIDE = 1_000_003
+_PER_SAMPLE, _PER_BATCH = 0, 1  # independent streams of the same seed
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A generator seeded by a well-mixed hash of integer ``key`` (NumPy's SeedSequence)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
 @dataclass
@@ -29,15 +36,29 @@ class NoisedBatch:
 
 
 def sample_noise(
-    x0: torch.Tensor, sample_ids: torch.Tensor, seed: int, eps: float, mask_id: int
+    x0: torch.Tensor,
+    sample_ids: torch.Tensor,
+    seed: int,
+    eps: float,
+    mask_id: int,
+    stratify_over: int = 0,
 ) -> NoisedBatch:
-    """Mask each token of ``x0`` [B, L] independently with probability t ~ U[eps, 1)."""
+    """Mask each token of ``x0`` [B, L] independently with probability t ~ U[eps, 1).
+
+    ``stratify_over`` > 0 stratifies t over consecutive groups of that many global samples
+    (the global batch size).
+    """
     batch, length = x0.shape
     t = torch.empty(batch, dtype=torch.float32)
     draws = torch.empty(batch, length, dtype=torch.float32)
     for row, sample_id in enumerate(sample_ids.tolist()):
-        generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + int(sample_id))
-        t[row] = eps + (1.0 - eps) * torch.rand((), generator=generator)
+        generator = _generator(seed, _PER_SAMPLE, sample_id)
+        u = torch.rand((), generator=generator)
+        if stratify_over:
+            group, slot = divmod(sample_id, stratify_over)
+            shared = torch.rand((), generator=_generator(seed, _PER_BATCH, group))
+            u = (shared + slot / stratify_over) % 1.0
+        t[row] = eps + (1.0 - eps) * u
         draws[row] = torch.rand(length, generator=generator)
     t = t.to(x0.device)
     masked = draws.to(x0.device) < t[:, None]

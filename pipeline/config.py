@@ -56,6 +56,7 @@ class DiffusionConfig:
     # "diffusion" adapts; "ar" is plain next-token training (the AR starting point).
     objective: Literal["diffusion", "ar"] = "diffusion"
     eps: float = 1e-3  # t ~ U[eps, 1)
+    stratified_t: bool = False  # stratify t across each global batch (MDLM's low-variance draw)
     shift: bool = True  # logits at i predict token i+1 (DiffuGPT/DiffuLLaMA); False = LLaDA
     # "masked": sum(w * ce) / #masked (paper); "sequence": sum(w * ce) / (B * L) (LLaDA/SMDM)
     normalization: Literal["masked", "sequence"] = "masked"

@@ -26,11 +26,11 @@ def generate_and_infill(export_dir: Path, cfg: RunConfig) -> str:
 
     prompt_ids = [tokenizer.eos_token_id] + tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
     tokens, fixed = prompt_and_masks(prompt_ids, s.length, mask_id)
-    generated = tokenizer.decode(sample(tokens, fixed, s.steps)[0, 1:])
+    generated = tokenizer.decode(sample(tokens, fixed, s.steps)[0, 1:], skip_special_tokens=True)
 
     prefix = [tokenizer.eos_token_id] + tokenizer(s.infill_prefix, add_special_tokens=False)["input_ids"]
     suffix = tokenizer(" " + s.infill_suffix, add_special_tokens=False)["input_ids"]
     tokens, fixed = infill_and_masks(prefix, suffix, s.infill_length, mask_id)
     filled = sample(tokens, fixed, s.infill_length)[0, len(prefix) : len(prefix) + s.infill_length]
-    infill = f"{s.infill_prefix} [{tokenizer.decode(filled)}] {s.infill_suffix}"
+    infill = f"{s.infill_prefix} [{tokenizer.decode(filled, skip_special_tokens=True)}] {s.infill_suffix}"
     return f"--- sample (prompt {s.prompt!r}, {s.steps} steps)\n{generated}\n--- infill\n{infill}\n"

@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -64,7 +68,10 @@ class Objective:
             t = torch.ones(labels.shape[0])
             attention_mask = None  # the causal mask type supplies it
         else:
-            noised = sample_noise(batch.tokens, batch.sample_ids, self.seed, d.eps, self.mask_id)
+            noised = sample_noise(
+                batch.tokens, batch.sample_ids, self.seed, d.eps, self.mask_id,
+                stratify_over=self.cfg.train.global_batch_size if d.stratified_t else 0,
+            )
             labels, loss_mask = diffusion_targets(batch.tokens, batch.labels, noised.masked, d.shift)
             inputs, t = noised.tokens, noised.t
             attention_mask = annealed_attention_mask(step, d.anneal_steps, length, self.seed)
@@ -117,12 +124,13 @@ def build_optimizer(cfg: RunConfig, model):
     return optimizer, scheduler
 
 
-def run_steps(cfg, model, objective, dataset, step, forward_only):
-    """One global batch through the pipeline schedule; returns the mean loss (logging rank)."""
+def run_batch(cfg, model, objective, dataset, batch_index, step, forward_only):
+    """Global batch ``batch_index`` of ``dataset`` through the pipeline schedule, with the
+    attention of training step ``step``; returns the mean loss (on the last stage)."""
     t = cfg.train
     losses = get_forward_backward_func()(
         forward_step_func=partial(objective.forward_step, step),
-        data_iterator=micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size),
+        data_iterator=micro_batches(dataset, batch_index, t.global_batch_size, t.micro_batch_size),
         model=[model],
         num_microbatches=t.global_batch_size // (t.micro_batch_size * cfg.data_parallel_size),
         seq_length=cfg.data.seq_length,
@@ -136,12 +144,13 @@ def run_steps(cfg, model, objective, dataset, step, forward_only):
     return loss.item() / parallel_state.get_data_parallel_world_size()
 
 
-def evaluate(cfg, model, objective, dataset) -> float | None:
+def evaluate(cfg, model, objective, dataset, step) -> float | None:
+    """Validation loss on the same batches and noise each time, with step ``step``'s attention."""
     model.eval()
     val_objective = Objective(cfg, objective.mask_id, objective.seed + _VALIDATION_SEED_OFFSET)
     with torch.no_grad():
         losses = [
-            run_steps(cfg, model, val_objective, dataset, i, forward_only=True)
+            run_batch(cfg, model, val_objective, dataset, i, step, forward_only=True)
             for i in range(cfg.train.eval_iters)
         ]
     model.train()
@@ -161,6 +170,11 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
         model,
     )
     optimizer, scheduler = build_optimizer(cfg, model)
+    # The pipeline schedule calls these: without finalize_model_grads the data-parallel
+    # replicas would never all-reduce their gradients.
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = model.no_sync
+    model.config.grad_scale_func = optimizer.scale_loss
     train_set, valid_set = build_datasets(cfg, tokenizer, cfg.train.steps)
 
     ckpt_root = out_dir / "checkpoints"
@@ -189,11 +203,11 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
         values = {}
         if step == start and start == 0:
             # The starting point's validation loss, before any update of this stage.
-            values["val_loss_before"] = evaluate(cfg, model, objective, valid_set)
+            values["val_loss_before"] = evaluate(cfg, model, objective, valid_set, step)
         began = time.time()
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = run_steps(cfg, model, objective, train_set, step, forward_only=False)
+        loss = run_batch(cfg, model, objective, train_set, step, step, forward_only=False)
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         train_seconds += time.time() - began
@@ -210,7 +224,7 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
             )
             train_seconds, steps_timed = 0.0, 0
         if (step + 1) % cfg.train.eval_interval == 0 or last:
-            values["val_loss"] = evaluate(cfg, model, objective, valid_set)
+            values["val_loss"] = evaluate(cfg, model, objective, valid_set, step)
         if logger is not None and values:
             logger.log(step, values)
         if (step + 1) % cfg.train.save_interval == 0 or last:

@@ -82,3 +82,13 @@ def test_undo_shift():
     first = torch.tensor([[9, 9, 9]])
     predictions = torch.tensor([[1, 2, 3]])
     assert undo_shift(first, predictions).tolist() == [[9, 1, 2]]
+
+
+def test_stratified_t_covers_each_batch_evenly():
+    x0 = torch.randint(4, 50, (16, 8))
+    noised = sample_noise(x0, torch.arange(16, 32), seed=2, eps=1e-3, mask_id=MASK_ID, stratify_over=16)
+    strata = ((noised.t - 1e-3) / (1 - 1e-3) * 16).floor().sort().values
+    # One t per 1/16-wide stratum (up to the shared offset wrapping around).
+    assert len(set(strata.tolist())) == 16
+    again = sample_noise(x0[4:], torch.arange(20, 32), seed=2, eps=1e-3, mask_id=MASK_ID, stratify_over=16)
+    torch.testing.assert_close(noised.t[4:], again.t)

@@ -5,27 +5,17 @@ must give the Megatron model's logits, bidirectional and causal, and an export o
 checkpoint must hold the same tensors as the TP=1 model it was resharded from.
 """
 
-import gzip
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 from megatron.core.transformer.enums import AttnMaskType
 from safetensors.torch import load_file
 
-from data_prep.build import build_indexed_dataset
-from data_prep.tokenizer import train_bpe_tokenizer
+from conftest import torchrun_train, write_tiny_recipe
 from megatron_ext.attention import set_attn_mask_type
 from pipeline.config import load_config
 from pipeline.export import build_single_process_model, export_to_hf, llama_state_dict, load_megatron_model
 from pipeline.hf_model import diffusion_logits, load_diffusion_lm
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "assets" / "corpus" / "jargon-4.4.7.txt.gz"
 # Padded to 576 rows at TP=1 and 640 at TP=2: the export must load the checkpoint's padding
 # and cut it off.
 VOCAB = 520
@@ -33,44 +23,13 @@ VOCAB = 520
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    text = root / "corpus.txt"
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        text.write_text(f.read(200_000), encoding="utf-8")
-    tokenizer = train_bpe_tokenizer([str(text)], VOCAB, str(root / "tokenizer"))
-    build_indexed_dataset([str(text)], tokenizer, str(root / "data" / "corpus"))
-    recipe = {
-        "name": "export",
-        "output_dir": str(root / "runs"),
-        "wandb_mode": "disabled",
-        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 172, "max_position_embeddings": 64, "rotary_base": 500.0},
-        "data": {"tokenizer": str(root / "tokenizer"), "prefixes": [str(root / "data" / "corpus")],
-                 "seq_length": 64, "cache_dir": str(root / "cache")},
-        "diffusion": {"objective": "diffusion", "anneal_steps": 0},
-        "train": {"steps": 3, "micro_batch_size": 4, "global_batch_size": 8, "lr": 1e-2,
-                  "log_interval": 1, "eval_interval": 100, "eval_iters": 1, "save_interval": 3},
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def train(recipe: Path, out: Path, nproc: int, *overrides: str) -> Path:
-    """Run pipeline.train under torchrun; returns the checkpoints root."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "pipeline.train", "--config", str(recipe), "--out", str(out),
-               f"parallel.nproc_per_node={nproc}", *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "checkpoints"
+    return write_tiny_recipe(tmp_path_factory.mktemp("export"), VOCAB)
 
 
 @pytest.fixture(scope="module")
 def trained(recipe):
     cfg = load_config(recipe)
-    ckpt = train(recipe, recipe.parent / "runs" / "tp1", 1)
+    ckpt = torchrun_train(recipe, recipe.parent / "runs" / "tp1", 1)
     return cfg, ckpt, export_to_hf(cfg, ckpt, recipe.parent / "hf")
 
 
@@ -133,7 +92,7 @@ def test_diffusion_logits_see_the_future(trained):
 def test_tp2_checkpoint_exports_like_tp1(recipe):
     # lr = 0: the step leaves the weights at their initialisation, which is the same at every
     # layout, so the resharded TP=2 checkpoint must export exactly the TP=1 initial model.
-    ckpt = train(recipe, recipe.parent / "runs" / "tp2", 2, "parallel.tp=2", "train.steps=1",
+    ckpt = torchrun_train(recipe, recipe.parent / "runs" / "tp2", 2, "parallel.tp=2", "train.steps=1",
                  "train.save_interval=1", "train.lr=0")
     cfg = load_config(recipe, ["parallel.nproc_per_node=2", "parallel.tp=2"])
     exported = load_file(export_to_hf(cfg, ckpt, recipe.parent / "hf_tp2") / "model.safetensors")
