@@ -6,6 +6,13 @@ shared by the batch, the heads and the layers, and drawn from (seed, step) alone
 tensor-, pipeline- and context-parallel rank builds the same mask without communication.
 From r = 1 on there is no mask at all, so attention runs on the fused bidirectional path.
 
+A structured alternative ("window"): every query sees the whole past and the next
+w = floor(r * L) future tokens, a band that widens to full attention. Its masks are the
+sliding windows (left = all, right = w) that flash / fused kernels run natively, so annealing
+need not leave the fast path; the trade-off is that the opened future edges are always the
+nearest ones rather than a uniform random subset, so the model never sees long-range future
+context before the window reaches it.
+
 Megatron-Core fixes the mask *type* of each attention module at build time, and fused / TE
 kernels of a causal type ignore a passed mask. ``set_attn_mask_type`` therefore switches the
 type of every attention module when the phase changes: causal (AR), arbitrary (annealing,
@@ -29,11 +36,18 @@ def anneal_ratio(step: int, anneal_steps: int) -> float:
     return min(1.0, (step + 1) / anneal_steps)
 
 
-def annealed_attention_mask(step: int, anneal_steps: int, seq_len: int, seed: int) -> Optional[torch.Tensor]:
+def annealed_attention_mask(
+    step: int, anneal_steps: int, seq_len: int, seed: int, schedule: str = "random"
+) -> Optional[torch.Tensor]:
     """The [1, 1, L, L] bool mask for ``step`` (True = masked out), or None once r = 1."""
     ratio = anneal_ratio(step, anneal_steps)
     if ratio >= 1.0:
         return None
+    if schedule == "window":
+        visible_future = int(ratio * seq_len)
+        return torch.ones(seq_len, seq_len, dtype=torch.bool).triu(diagonal=1 + visible_future)[None, None]
+    if schedule != "random":
+        raise ValueError(f"diffusion.anneal_schedule: expected 'random' or 'window', got {schedule!r}")
     generator = torch.Generator().manual_seed(seed * _STEP_STRIDE + step)
     closed = torch.rand(seq_len, seq_len, generator=generator) >= ratio
     future = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(diagonal=1)

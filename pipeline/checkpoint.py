@@ -74,7 +74,8 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> 
     model_sd = _unwrap(model).sharded_state_dict()
     request = {"model": model_sd}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        # is_loading: creates the (empty) Adam moments so the request asks for them.
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     state = dist_checkpointing.load(request, str(path))
     _unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:

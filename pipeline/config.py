@@ -61,6 +61,9 @@ class DiffusionConfig:
     # "masked": sum(w * ce) / #masked (paper); "sequence": sum(w * ce) / (B * L) (LLaDA/SMDM)
     normalization: Literal["masked", "sequence"] = "masked"
     anneal_steps: int = 10000  # causal -> bidirectional attention over this many steps; 0 = off
+    # "random": each future edge opened with probability r (the paper); "window": a band of
+    # the next r * L tokens (sliding-window masks fused kernels run natively).
+    anneal_schedule: Literal["random", "window"] = "random"
     mask_token: str = "<|mask|>"  # a token of the tokenizer, used as the absorbing state
     # Reuse an existing id as the mask instead (GPT-2 small: 10541, LLaMA-2: 811).
     mask_token_id: Optional[int] = None
@@ -110,6 +113,8 @@ class TrainConfig:
     eval_interval: int = 50
     eval_iters: int = 4
     save_interval: int = 100
+    # Stop (after saving) once this many steps ran in this job; the next job resumes.
+    exit_interval: Optional[int] = None
     # Start from this Megatron checkpoint's weights (fresh optimizer and schedule).
     init_checkpoint: Optional[str] = None
 

@@ -63,10 +63,13 @@ def plot_losses(metrics_files: dict[str, Path], out_png: Path) -> Optional[Path]
     fig, axes = plt.subplots(1, len(metrics_files), figsize=(6 * len(metrics_files), 4), squeeze=False)
     for axis, (stage, path) in zip(axes[0], metrics_files.items()):
         rows = read_metrics(path)
-        for key, style in (("loss", "-"), ("val_loss", "o-")):
-            points = [(r["step"], r[key]) for r in rows if key in r]
+        train = [(r["step"] + 1, r["loss"]) for r in rows if r.get("loss") is not None]
+        # The first validation point is the starting model's, before any update.
+        valid = [(0, r["val_loss_before"]) for r in rows if "val_loss_before" in r]
+        valid += [(r["step"] + 1, r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        for points, style, label in ((train, "-", "train loss"), (valid, "o-", "validation loss")):
             if points:
-                axis.plot(*zip(*points), style, label=key)
+                axis.plot(*zip(*points), style, label=label)
         axis.set_title(stage)
         axis.set_xlabel("step")
         axis.set_ylabel("loss")

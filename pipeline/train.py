@@ -74,7 +74,9 @@ class Objective:
             )
             labels, loss_mask = diffusion_targets(batch.tokens, batch.labels, noised.masked, d.shift)
             inputs, t = noised.tokens, noised.t
-            attention_mask = annealed_attention_mask(step, d.anneal_steps, length, self.seed)
+            attention_mask = annealed_attention_mask(
+                step, d.anneal_steps, length, self.seed, d.anneal_schedule
+            )
             if attention_mask is not None:
                 attention_mask = attention_mask.to(device)
         token_ce = model(
@@ -197,7 +199,7 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
     manifest = {"config_fingerprint": cfg.fingerprint(), "vocab_size": tokenizer.vocab_size,
                 "mask_token_id": mask_id, "objective": cfg.diffusion.objective}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-    train_seconds, steps_timed = 0.0, 0
+    train_seconds, steps_timed, interval_losses = 0.0, 0, []
     for step in range(start, cfg.train.steps):
         set_attn_mask_type(model, attention_phase(cfg.diffusion.objective, step, cfg.diffusion.anneal_steps))
         values = {}
@@ -212,23 +214,31 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
         scheduler.step(increment=1)
         train_seconds += time.time() - began
         steps_timed += 1
+        if loss is not None:
+            interval_losses.append(loss)
         last = step + 1 == cfg.train.steps
         if (step + 1) % cfg.train.log_interval == 0 or last:
             values.update(
-                loss=loss,
+                # Averaged over the log interval, like Megatron-LM's reported loss.
+                loss=sum(interval_losses) / len(interval_losses) if interval_losses else None,
                 lr=scheduler.get_lr(optimizer.param_groups[0]),
                 grad_norm=grad_norm,
                 anneal_ratio=1.0 if cfg.diffusion.objective == "ar"
                 else anneal_ratio(step, cfg.diffusion.anneal_steps),
                 tokens_per_s=steps_timed * tokens_per_step / max(train_seconds, 1e-9),
             )
-            train_seconds, steps_timed = 0.0, 0
+            train_seconds, steps_timed, interval_losses = 0.0, 0, []
         if (step + 1) % cfg.train.eval_interval == 0 or last:
             values["val_loss"] = evaluate(cfg, model, objective, valid_set, step)
         if logger is not None and values:
             logger.log(step, values)
-        if (step + 1) % cfg.train.save_interval == 0 or last:
+        # A job of a longer run (a SLURM allocation) stops after exit_interval steps, saved.
+        leaving = cfg.train.exit_interval is not None and step + 1 - start >= cfg.train.exit_interval
+        if (step + 1) % cfg.train.save_interval == 0 or last or leaving:
             checkpoint.save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, manifest)
+        if leaving:
+            _print0(f"exit_interval: stopping after step {step + 1}; run again to resume")
+            break
     if logger is not None:
         logger.close()
     shutdown_distributed()

@@ -44,3 +44,11 @@ def test_mask_is_a_function_of_seed_and_step():
     a = annealed_attention_mask(10, 100, 32, seed=1)
     assert torch.equal(a, annealed_attention_mask(10, 100, 32, seed=1))
     assert not torch.equal(a, annealed_attention_mask(11, 100, 32, seed=1))
+
+
+def test_window_schedule_opens_the_nearest_future_tokens():
+    mask = annealed_attention_mask(step=24, anneal_steps=100, seq_len=40, seed=0, schedule="window")[0, 0]
+    visible = (~mask).sum(dim=1)
+    # r = 0.25: row i sees positions 0..i+10 (clipped at the end of the sequence).
+    assert visible.tolist() == [min(i + 11, 40) for i in range(40)]
+    assert annealed_attention_mask(99, 100, 40, 0, schedule="window") is None
