@@ -139,6 +139,8 @@ def export_to_hf(cfg: RunConfig, checkpoint_dir: str | Path, out_dir: str | Path
     try:
         hf_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():  # safetensors' writer leaves 0600; exports are shared
+            path.chmod(0o644)
         # A directory cannot be renamed over a non-empty one: move the old export aside first.
         if out_dir.exists():
             os.replace(out_dir, old)
