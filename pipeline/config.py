@@ -115,6 +115,10 @@ class TrainConfig:
     save_interval: int = 100
     # Stop (after saving) once this many steps ran in this job; the next job resumes.
     exit_interval: Optional[int] = None
+    keep_last: int = 3  # checkpoints kept besides every keep_every-th; 0 keeps all
+    keep_every: int = 0
+    # A step whose loss is NaN/Inf is skipped (no update); this many in a row stop the run.
+    max_bad_steps: int = 3
     # Start from this Megatron checkpoint's weights (fresh optimizer and schedule).
     init_checkpoint: Optional[str] = None
 
@@ -144,6 +148,32 @@ class SampleConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """How ``pipeline.launch`` submits the run to SLURM. Nodes and tasks per node are
+    ``parallel.nnodes`` and ``parallel.nproc_per_node`` (one task per rank)."""
+
+    partition: Optional[str] = None  # None: the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus_per_node: int = 0  # 0: a CPU job (gloo); else one GPU per task (NCCL)
+    cpus_per_task: int = 1
+    mem_gb: Optional[int] = None  # per node; None: the partition's default
+    time_limit_minutes: int = 60
+    exclusive: bool = False
+    # Requeues after hitting the time limit (preemptions requeue without counting).
+    max_requeues: int = 3
+    # SLURM warns the job this long before its time limit; the job then requeues itself.
+    signal_delay_s: int = 90
+    # When known, lets submission refuse a time limit too short to reach one periodic save.
+    expected_step_seconds: Optional[float] = None
+    # Any other sbatch option, "key=value" or a bare flag ("mail-type=END", "requeue").
+    sbatch_options: list[str] = field(default_factory=list)
+    # Shell lines run in the job before the tasks start ("module load cuda").
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     output_dir: str = "runs"
@@ -155,6 +185,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     init: InitConfig = field(default_factory=InitConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -300,6 +331,39 @@ def validate(cfg: RunConfig) -> None:
         )
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise ConfigError(f"diffusion.eps: expected 0 < eps < 1, got {cfg.diffusion.eps}")
+    validate_slurm(cfg)
+
+
+def validate_slurm(cfg: RunConfig) -> None:
+    """What the ``slurm`` section must satisfy whatever the cluster (``pipeline.launch`` checks
+    the rest against the cluster itself)."""
+    s = cfg.slurm
+    for name in ("gpus_per_node", "max_requeues", "signal_delay_s"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"slurm.{name}: expected >= 0, got {getattr(s, name)}")
+    for name in ("cpus_per_task", "time_limit_minutes"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"slurm.{name}: expected >= 1, got {getattr(s, name)}")
+    if s.gpus_per_node and s.gpus_per_node != cfg.parallel.nproc_per_node:
+        raise ConfigError(
+            f"slurm.gpus_per_node: one task per GPU, so expected parallel.nproc_per_node = "
+            f"{cfg.parallel.nproc_per_node}, got {s.gpus_per_node}"
+        )
+    budget_s = s.time_limit_minutes * 60 - s.signal_delay_s
+    if budget_s <= 0:
+        raise ConfigError(
+            f"slurm.time_limit_minutes: {s.time_limit_minutes} min leaves no time before the "
+            f"requeue warning (slurm.signal_delay_s = {s.signal_delay_s})"
+        )
+    if s.expected_step_seconds is not None:
+        save_every_s = cfg.train.save_interval * s.expected_step_seconds
+        if save_every_s >= budget_s:
+            raise ConfigError(
+                f"slurm.time_limit_minutes: {s.time_limit_minutes} min is shorter than one "
+                f"checkpoint interval (train.save_interval={cfg.train.save_interval} steps x "
+                f"{s.expected_step_seconds} s = {save_every_s:.0f} s, plus the "
+                f"{s.signal_delay_s} s warning): a requeued job would never progress"
+            )
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

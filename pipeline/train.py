@@ -12,6 +12,8 @@ The run resumes from the latest checkpoint under ``--out`` when there is one.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -168,7 +170,11 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
     )
     model = DistributedDataParallel(
         model.config,
-        DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.distributed_optimizer),
+        DistributedDataParallelConfig(
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            # A NaN/Inf gradient with a finite loss stops the job (resume = roll back).
+            check_for_nan_in_grad=True,
+        ),
         model,
     )
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -181,13 +187,15 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
 
     ckpt_root = out_dir / "checkpoints"
     start = 0
-    resume = checkpoint.latest_checkpoint(ckpt_root)
+    resume = _on_rank0(lambda: checkpoint.latest_checkpoint(ckpt_root))
     if resume is not None:
+        _check_shape(cfg, resume)
         start = checkpoint.load_checkpoint(resume, model, optimizer, scheduler)
         _print0(f"resumed from {resume} at step {start}")
     elif cfg.train.init_checkpoint:
         init = Path(cfg.train.init_checkpoint)
-        source = checkpoint.latest_checkpoint(init) or init
+        source = _on_rank0(lambda: checkpoint.latest_checkpoint(init)) or init
+        _check_shape(cfg, source)
         checkpoint.load_checkpoint(source, model)
         _print0(f"initialised weights from {source}")
 
@@ -200,6 +208,7 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
                 "mask_token_id": mask_id, "objective": cfg.diffusion.objective}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     train_seconds, steps_timed, interval_losses = 0.0, 0, []
+    bad_steps = 0
     for step in range(start, cfg.train.steps):
         set_attn_mask_type(model, attention_phase(cfg.diffusion.objective, step, cfg.diffusion.anneal_steps))
         values = {}
@@ -210,12 +219,23 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
         model.zero_grad_buffer()
         optimizer.zero_grad()
         loss = run_batch(cfg, model, objective, train_set, step, step, forward_only=False)
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        if _loss_is_bad(loss):
+            bad_steps += 1
+            _print0(f"step {step}: loss is NaN/Inf, update skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg.train.max_bad_steps:
+                raise FloatingPointError(
+                    f"train.max_bad_steps: {bad_steps} steps in a row had a NaN/Inf loss (last: "
+                    f"step {step}); resume from the last checkpoint with a lower train.lr"
+                )
+            grad_norm = None
+        else:
+            bad_steps = 0
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            if loss is not None:
+                interval_losses.append(loss)
         train_seconds += time.time() - began
         steps_timed += 1
-        if loss is not None:
-            interval_losses.append(loss)
         last = step + 1 == cfg.train.steps
         if (step + 1) % cfg.train.log_interval == 0 or last:
             values.update(
@@ -235,13 +255,44 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
         # A job of a longer run (a SLURM allocation) stops after exit_interval steps, saved.
         leaving = cfg.train.exit_interval is not None and step + 1 - start >= cfg.train.exit_interval
         if (step + 1) % cfg.train.save_interval == 0 or last or leaving:
-            checkpoint.save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, manifest)
+            manifest["tokens_seen"] = (step + 1) * tokens_per_step
+            checkpoint.save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, manifest,
+                                       cfg.train.keep_last, cfg.train.keep_every)
         if leaving:
             _print0(f"exit_interval: stopping after step {step + 1}; run again to resume")
             break
     if logger is not None:
         logger.close()
     shutdown_distributed()
+
+
+def _loss_is_bad(loss: float | None) -> bool:
+    """Whether any rank saw a NaN/Inf loss (only the last pipeline stage holds the loss)."""
+    flag = torch.tensor([0.0 if loss is None or math.isfinite(loss) else 1.0])
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _on_rank0(compute):
+    """``compute()`` on global rank 0 (checkpoint verification reads every file), shared."""
+    result = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def _check_shape(cfg: RunConfig, path: Path) -> None:
+    """A checkpoint of another model shape is a clear error, not a wall of missing keys."""
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    saved = json.loads(manifest_path.read_text()).get("config_fingerprint")
+    if saved is not None and saved != cfg.fingerprint():
+        raise ValueError(
+            f"{path}: saved from a different model shape (fingerprint {saved}, this config's "
+            f"model section gives {cfg.fingerprint()})"
+        )
 
 
 def _print0(message: str) -> None:

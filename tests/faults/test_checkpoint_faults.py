@@ -1,0 +1,91 @@
+"""Faults around checkpoints: killed jobs, corrupted and partial checkpoints, a checkpoint of
+another model. Each run either recovers from the last good checkpoint or fails with one clear
+line, and no finished checkpoint is lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, torchrun_train, write_tiny_recipe
+from pipeline.checkpoint import latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    return write_tiny_recipe(tmp_path_factory.mktemp("faults"), 520, diffusion={"anneal_steps": 3},
+                             train={"steps": 6, "save_interval": 2, "keep_last": 0})
+
+
+def losses(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(recipe):
+    out = recipe.parent / "uninterrupted"
+    torchrun_train(recipe, out, 1)
+    return out
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(recipe, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    torchrun_train(recipe, out, 1, "train.exit_interval=4")
+    shard = sorted((out / "checkpoints" / "iter_0000004").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"iter_0000004 is unusable \(.*CRC-32"):
+        assert latest_checkpoint(out / "checkpoints").name == "iter_0000002"
+    torchrun_train(recipe, out, 1)
+    assert (out / "checkpoints" / "iter_0000002").is_dir()  # the good one was kept
+    final = losses(out)
+    assert final[5] == losses(uninterrupted)[5]
+
+
+def test_interrupted_save_is_ignored(recipe, tmp_path):
+    out = tmp_path / "run"
+    torchrun_train(recipe, out, 1, "train.exit_interval=2")
+    staging = out / "checkpoints" / "iter_0000004.tmp"
+    staging.mkdir()
+    (staging / "__0_0.distcp").write_bytes(b"half a shard")
+    assert latest_checkpoint(out / "checkpoints").name == "iter_0000002"
+
+
+def test_kill_minus_9_at_any_moment_resumes_exactly(recipe, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "pipeline.train", "--config", str(recipe), "--out", str(out),
+               "train.save_interval=1", "train.steps=6"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill the whole job (launcher and trainer) once it is saving checkpoints.
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "iter_0000002").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    torchrun_train(recipe, out, 1, "train.save_interval=1")
+    assert latest_checkpoint(out / "checkpoints").name == "iter_0000006"
+    reference, resumed = losses(uninterrupted), losses(out)
+    assert 5 in resumed and all(resumed[step] == reference[step] for step in resumed)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(recipe, uninterrupted, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "pipeline.train", "--config", str(recipe), "--out", str(tmp_path / "other"),
+               f"train.init_checkpoint={uninterrupted / 'checkpoints'}", "model.hidden_size=128",
+               "model.ffn_hidden_size=344"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "saved from a different model shape" in result.stderr
