@@ -58,11 +58,12 @@ def causal_attention_mask(seq_len: int) -> torch.Tensor:
     return torch.ones(seq_len, seq_len, dtype=torch.bool).triu(diagonal=1)[None, None]
 
 
-def attention_phase(objective: str, step: int, anneal_steps: int) -> AttnMaskType:
-    """The mask type the model must run with at ``step``."""
+def attention_phase(objective: str, step: int, anneal_steps: int, per_sample_masks: bool = False) -> AttnMaskType:
+    """The mask type the model must run with at ``step`` (``per_sample_masks``: the batch
+    mixes attention patterns, as with an auxiliary AR loss, so masks are always explicit)."""
     if objective == "ar":
         return AttnMaskType.causal
-    if anneal_ratio(step, anneal_steps) < 1.0:
+    if per_sample_masks or anneal_ratio(step, anneal_steps) < 1.0:
         return AttnMaskType.arbitrary
     return AttnMaskType.no_mask
 

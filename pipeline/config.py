@@ -64,6 +64,9 @@ class DiffusionConfig:
     # "random": each future edge opened with probability r (the paper); "window": a band of
     # the next r * L tokens (sliding-window masks fused kernels run natively).
     anneal_schedule: Literal["random", "window"] = "random"
+    # Auxiliary AR loss on the clean batch (Megatron-Bridge's diffusion example mixes
+    # 0.3 diffusion + 1.0 AR): loss = diffusion + ar_loss_weight * AR. 0 = off (the paper).
+    ar_loss_weight: float = 0.0
     mask_token: str = "<|mask|>"  # a token of the tokenizer, used as the absorbing state
     # Reuse an existing id as the mask instead (GPT-2 small: 10541, LLaMA-2: 811).
     mask_token_id: Optional[int] = None

@@ -34,6 +34,7 @@ from megatron_ext.attention import (
     anneal_ratio,
     annealed_attention_mask,
     attention_phase,
+    causal_attention_mask,
     set_attn_mask_type,
 )
 from megatron_ext.diffusion import diffusion_loss, diffusion_targets, sample_noise
@@ -62,8 +63,8 @@ class Objective:
         batch = next(data_iterator)
         d = self.cfg.diffusion
         length = batch.tokens.shape[1]
-        position_ids = torch.arange(length).unsqueeze(0).expand_as(batch.tokens)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        ar_weight = 0.0
         if d.objective == "ar":
             inputs, labels = batch.tokens, batch.labels
             loss_mask = torch.ones_like(labels, dtype=torch.bool)
@@ -79,19 +80,43 @@ class Objective:
             attention_mask = annealed_attention_mask(
                 step, d.anneal_steps, length, self.seed, d.anneal_schedule
             )
+            if _mixes_ar_loss(self.cfg):
+                # The clean batch rides along with causal attention, in the same forward pass
+                # (so pipeline parallelism sees one micro-batch): per-sample masks.
+                ar_weight = d.ar_loss_weight
+                if attention_mask is None:  # annealing is over: bidirectional
+                    attention_mask = torch.zeros(1, 1, length, length, dtype=torch.bool)
+                attention_mask = torch.cat([
+                    attention_mask.expand(inputs.shape[0], 1, length, length),
+                    causal_attention_mask(length).expand(inputs.shape[0], 1, length, length),
+                ])
+                inputs = torch.cat([inputs, batch.tokens])
+                labels = torch.cat([labels, batch.labels])
             if attention_mask is not None:
                 attention_mask = attention_mask.to(device)
+        position_ids = torch.arange(length).unsqueeze(0).expand_as(inputs)
         token_ce = model(
             inputs.to(device), position_ids.to(device), attention_mask, labels=labels.to(device)
         )
         normalization = "masked" if d.objective == "ar" else d.normalization
-        return token_ce, partial(self._loss, loss_mask.to(device), t.to(device), normalization)
+        return token_ce, partial(self._loss, loss_mask.to(device), t.to(device), normalization, ar_weight)
 
     @staticmethod
-    def _loss(loss_mask, t, normalization, token_ce):
-        loss, counted = diffusion_loss(token_ce, loss_mask, t, normalization)
+    def _loss(loss_mask, t, normalization, ar_weight, token_ce):
+        batch = loss_mask.shape[0]
+        loss, counted = diffusion_loss(token_ce[:batch], loss_mask, t, normalization)
+        logs = {"counted_tokens": counted.detach().float()}
+        if ar_weight:
+            ar_loss = token_ce[batch:].float().mean()
+            logs["ar_loss"] = ar_loss.detach().clone()
+            loss = loss + ar_weight * ar_loss
         # clone: the schedule divides the returned loss in place by the micro-batch count.
-        return loss, {"loss": loss.detach().clone(), "counted_tokens": counted.detach().float()}
+        logs["loss"] = loss.detach().clone()
+        return loss, logs
+
+
+def _mixes_ar_loss(cfg: RunConfig) -> bool:
+    return cfg.diffusion.objective == "diffusion" and cfg.diffusion.ar_loss_weight > 0
 
 
 def build_optimizer(cfg: RunConfig, model):
@@ -138,7 +163,8 @@ def run_batch(cfg, model, objective, dataset, batch_index, step, forward_only):
         model=[model],
         num_microbatches=t.global_batch_size // (t.micro_batch_size * cfg.data_parallel_size),
         seq_length=cfg.data.seq_length,
-        micro_batch_size=t.micro_batch_size,
+        # The pipeline's activation shapes: an auxiliary AR loss doubles each micro-batch.
+        micro_batch_size=t.micro_batch_size * (2 if _mixes_ar_loss(cfg) else 1),
         forward_only=forward_only,
     )
     if not parallel_state.is_pipeline_last_stage():
@@ -210,7 +236,9 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
     train_seconds, steps_timed, interval_losses = 0.0, 0, []
     bad_steps = 0
     for step in range(start, cfg.train.steps):
-        set_attn_mask_type(model, attention_phase(cfg.diffusion.objective, step, cfg.diffusion.anneal_steps))
+        set_attn_mask_type(model, attention_phase(
+            cfg.diffusion.objective, step, cfg.diffusion.anneal_steps, _mixes_ar_loss(cfg)
+        ))
         values = {}
         if step == start and start == 0:
             # The starting point's validation loss, before any update of this stage.
