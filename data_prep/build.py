@@ -20,9 +20,13 @@ from data_prep.verify import verify_indexed_dataset
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids.append(tokenizer.eos_token_id)
-    return np.asarray(ids, dtype=np.int64)
+    return encode_batch(tokenizer, [text])[0]
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[np.ndarray]:
+    """Token ids + EOS for each text; one batched call, so a fast tokenizer encodes in Rust."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int64) for ids in encoded]
 
 
 # Worker processes get the tokenizer once, through the pool initializer, not once per document.
@@ -34,24 +38,29 @@ def _init_worker(tokenizer: PreTrainedTokenizerBase) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _encode_in_worker(text: str) -> np.ndarray:
-    return encode(_worker_tokenizer, text)
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    return encode_batch(_worker_tokenizer, texts)
 
 
-def _encoded_documents(documents, tokenizer, workers: int, chunksize: int = 64):
+def _batches(documents, size: int):
+    documents = iter(documents)  # islice must advance one shared iterator, not restart a list
+    while batch := list(itertools.islice(documents, size)):
+        yield batch
+
+
+def _encoded_documents(documents, tokenizer, workers: int, batch_size: int = 64):
     """Yield encode(tokenizer, doc) for each document, in corpus order."""
     if workers == 1:
-        for text in documents:
-            yield encode(tokenizer, text)
+        for batch in _batches(documents, batch_size):
+            yield from encode_batch(tokenizer, batch)
         return
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         # Pool.imap drains its input as fast as it can, which would pull the whole corpus
-        # into memory; feeding it bounded batches keeps memory flat. imap keeps order, so
-        # the output is byte-identical to workers=1.
-        batch_size = 16 * workers * chunksize
-        documents = iter(documents)  # islice must advance one shared iterator, not restart a list
-        while batch := list(itertools.islice(documents, batch_size)):
-            yield from pool.imap(_encode_in_worker, batch, chunksize)
+        # into memory; feeding it a bounded window of batches keeps memory flat. imap keeps
+        # order, so the output is byte-identical to workers=1.
+        for window in _batches(_batches(documents, batch_size), 16 * workers):
+            for encoded in pool.imap(_encode_in_worker, window):
+                yield from encoded
 
 
 def _is_complete(prefix: str) -> bool:
