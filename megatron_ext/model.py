@@ -8,6 +8,8 @@ for arbitrary masks and switched per phase by ``attention.set_attn_mask_type``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -39,7 +41,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         normalization="RMSNorm" if llama else "LayerNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=llama,
-        activation_func=F.silu if llama else F.gelu,
+        # GPT-2 uses the tanh approximation of GELU (HF's "gelu_new").
+        activation_func=F.silu if llama else partial(F.gelu, approximate="tanh"),
         add_bias_linear=not llama,
         add_qkv_bias=not llama,
         hidden_dropout=0.0,

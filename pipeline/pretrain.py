@@ -82,6 +82,10 @@ def pretrain(cfg: RunConfig) -> Path:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    if cfg.init.source == "hf":
+        from pipeline.hf_import import start_from_hf
+
+        cfg = start_from_hf(cfg, run_dir / "import")
     prepare_data(cfg)
     adapt = copy.deepcopy(cfg)
     metrics = {}

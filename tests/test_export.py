@@ -2,12 +2,16 @@
 
 A tiny GQA model is trained for a few steps under torchrun (once per module); its HF export
 must give the Megatron model's logits, bidirectional and causal, and an export of a TP=2
-checkpoint must hold the same tensors as the TP=1 model it was resharded from.
+checkpoint must hold the same tensors as the TP=1 model it was resharded from. A sharded export
+holds the same tensors behind an index, and the model card reports the run.
 """
+
+import json
 
 import pytest
 import torch
 from megatron.core.transformer.enums import AttnMaskType
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from conftest import torchrun_train, write_tiny_recipe
@@ -15,6 +19,7 @@ from megatron_ext.attention import set_attn_mask_type
 from pipeline.config import load_config
 from pipeline.export import build_single_process_model, export_to_hf, llama_state_dict, load_megatron_model
 from pipeline.hf_model import diffusion_logits, load_diffusion_lm
+from pipeline.metrics import read_metrics
 
 # Padded to 576 rows at TP=1 and 640 at TP=2: the export must load the checkpoint's padding
 # and cut it off.
@@ -100,3 +105,26 @@ def test_tp2_checkpoint_exports_like_tp1(recipe):
     assert exported.keys() == fresh.keys()
     for key in exported:
         torch.testing.assert_close(exported[key], fresh[key], atol=0, rtol=0, msg=key)
+
+
+def test_sharded_export_has_an_index_and_the_same_tensors(trained, recipe):
+    cfg, ckpt, out = trained
+    sharded = export_to_hf(cfg, ckpt, recipe.parent / "hf_sharded", max_shard_size="100KB")
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = set(weight_map.values())
+    assert len(shards) > 1 and not (sharded / "model.safetensors").exists()
+    merged = {key: value for shard in shards for key, value in load_file(sharded / shard).items()}
+    single = load_file(out / "model.safetensors")
+    assert merged.keys() == single.keys() == weight_map.keys()
+    assert all(torch.equal(merged[key], single[key]) for key in single)
+
+
+def test_model_card_reports_the_recipe_steps_and_loss(trained):
+    cfg, ckpt, out = trained
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "diffusion" in card.data.tags
+    losses = [r["loss"] for r in read_metrics(ckpt.parent / "metrics.jsonl") if r.get("loss") is not None]
+    final_loss = losses[-1]
+    assert f"| final train loss | {final_loss:.4f} |" in card.text
+    assert f"| steps | {cfg.train.steps} |" in card.text and f"| recipe | {cfg.name} |" in card.text
+    assert "| attention | bidirectional |" in card.text
