@@ -2,13 +2,17 @@
 
 Works over any ``logits_fn(tokens) -> logits [B, L, V]`` running bidirectional attention:
 the Megatron model during training or the exported Hugging Face model afterwards. Positions
-marked ``fixed`` (a prompt, or the prefix and suffix of an infill) are never changed; every
-other position starts as the mask token and is committed once, never remasked.
+marked ``fixed`` (a prompt, the prefix and suffix of an infill, left padding) are never
+changed; every other position starts as the mask token and is committed once, never remasked.
 
-Orders of unmasking: "random" (each still-masked position is committed at step i with
-probability 1 / (T - i), so all are committed by the last step, as DiffuGPT samples) and
-"confidence" (MaskGIT-style: commit the most probable positions, an equal share per step).
-Deterministic under ``seed``.
+Each step proposes a token for every position (temperature and top-p; temperature 0 is the
+argmax) and commits some of the still-masked ones, in one of three orders:
+  "random"      each still-masked position is committed at step i with probability
+                1 / (T - i), so all are committed by the last step (DiffuGPT's sampler);
+  "confidence"  the positions whose proposal is most probable (MaskGIT-style top-k);
+  "entropy"     the positions whose predictive distribution has the lowest entropy.
+The two ranked orders commit an equal share of what is left per step, so T steps call the
+model T times when there are at least T masks. Deterministic under ``seed``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Callable
 import torch
 
 from megatron_ext.diffusion import undo_shift
+
+ORDERS = ("random", "confidence", "entropy")
 
 
 def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -29,6 +35,27 @@ def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def _positions_to_commit(
+    order: str,
+    still_masked: torch.Tensor,
+    probs: torch.Tensor,
+    proposal: torch.Tensor,
+    remaining_steps: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    if order == "random":
+        chance = torch.rand(still_masked.shape, generator=generator).to(still_masked.device)
+        return still_masked & (chance < 1.0 / remaining_steps)
+    if order == "confidence":
+        score = probs.gather(-1, proposal[..., None]).squeeze(-1)
+    else:  # "entropy": the negative entropy, so the most certain positions rank first
+        score = (probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+    score = score.masked_fill(~still_masked, float("-inf"))
+    per_row = (still_masked.sum(dim=1).float() / remaining_steps).ceil().long()
+    ranks = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return still_masked & (ranks < per_row[:, None])
 
 
 @torch.no_grad()
@@ -46,6 +73,8 @@ def diffusion_sample(
     seed: int = 0,
 ) -> torch.Tensor:
     """Return ``tokens`` [B, L] with every non-fixed position filled."""
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
     if shift and not bool(fixed[:, 0].all()):
         raise ValueError("with the shift, position 0 must be fixed (a prompt or BOS token)")
     generator = torch.Generator().manual_seed(seed)
@@ -58,22 +87,14 @@ def diffusion_sample(
         logits[..., mask_id] = float("-inf")  # the absorbing state is never a prediction
         if shift:
             logits = undo_shift(logits, logits)  # position j is predicted at j - 1
-        probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
-        probs = _filter_top_p(probs, top_p)
-        flat = probs.reshape(-1, probs.shape[-1]).cpu()
-        proposal = torch.multinomial(flat, 1, generator=generator).view(x.shape).to(x.device)
-        remaining_steps = steps - step
-        if order == "random":
-            chance = torch.rand(x.shape, generator=generator).to(x.device)
-            commit = still_masked & (chance < 1.0 / remaining_steps)
-        elif order == "confidence":
-            confidence = probs.gather(-1, proposal[..., None]).squeeze(-1)
-            confidence = confidence.masked_fill(~still_masked, -1.0)
-            per_row = (still_masked.sum(dim=1).float() / remaining_steps).ceil().long()
-            ranks = confidence.argsort(dim=1, descending=True).argsort(dim=1)
-            commit = still_masked & (ranks < per_row[:, None])
+        if temperature > 0:
+            probs = _filter_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
+            flat = probs.reshape(-1, probs.shape[-1]).cpu()
+            proposal = torch.multinomial(flat, 1, generator=generator).view(x.shape).to(x.device)
         else:
-            raise ValueError(f"order: expected 'random' or 'confidence', got {order!r}")
+            probs = torch.softmax(logits, dim=-1)
+            proposal = probs.argmax(dim=-1)
+        commit = _positions_to_commit(order, still_masked, probs, proposal, steps - step, generator)
         x = torch.where(commit, proposal, x)
         still_masked &= ~commit
     return x
@@ -85,6 +106,24 @@ def prompt_and_masks(prompt_ids: list[int], length: int, mask_id: int) -> tuple[
     fixed = torch.zeros_like(tokens, dtype=torch.bool)
     fixed[:, : len(prompt_ids)] = True
     return tokens, fixed
+
+
+def prompts_and_masks(
+    prompts: list[list[int]], length: int, mask_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of prompts of any lengths, each followed by ``length`` masks.
+
+    Prompts are left-padded so that every generated span ends the row; returns tokens,
+    fixed (prompt and padding) and the attention mask (0 on padding) for the logits function.
+    Rotary positions are relative, so the padding offset does not change what a row sees.
+    """
+    width = max(len(p) for p in prompts) + length
+    rows = [[pad_id] * (width - length - len(p)) + p + [mask_id] * length for p in prompts]
+    tokens = torch.tensor(rows)
+    fixed = torch.ones_like(tokens, dtype=torch.bool)
+    fixed[:, width - length :] = False
+    attention = torch.tensor([[0] * (width - length - len(p)) + [1] * (len(p) + length) for p in prompts])
+    return tokens, fixed, attention
 
 
 def infill_and_masks(
