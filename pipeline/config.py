@@ -131,8 +131,10 @@ class InitConfig:
     """Where the autoregressive starting point comes from."""
 
     # "ar_pretrain": no AR checkpoint is available offline, so train one first (the tiny
-    # default); "checkpoint": train.init_checkpoint names a Megatron checkpoint.
-    source: Literal["ar_pretrain", "checkpoint"] = "ar_pretrain"
+    # default); "checkpoint": train.init_checkpoint names a Megatron checkpoint; "hf": import
+    # hf_model (pipeline.hf_import), whose tokenizer then replaces data.tokenizer.
+    source: Literal["ar_pretrain", "checkpoint", "hf"] = "ar_pretrain"
+    hf_model: Optional[str] = None  # a Hugging Face GPT-2 or LLaMA model: Hub name or folder
     ar_steps: int = 300
     ar_lr: float = 1e-3
 
@@ -335,6 +337,8 @@ def validate(cfg: RunConfig) -> None:
             f"data.weights: expected {len(cfg.data.prefixes)} weights (one per prefix), "
             f"got {len(cfg.data.weights)}"
         )
+    if cfg.init.source == "hf" and not cfg.init.hf_model:
+        raise ConfigError("init.hf_model: init.source=hf needs the HF model to import (Hub name or folder)")
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise ConfigError(f"diffusion.eps: expected 0 < eps < 1, got {cfg.diffusion.eps}")
     validate_slurm(cfg)
