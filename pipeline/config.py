@@ -149,6 +149,8 @@ class SampleConfig:
     steps: int = 48
     temperature: float = 0.9
     top_p: float = 0.9
+    # Unmasking order: "random" (DiffuGPT), "confidence" (MaskGIT top-k), "entropy".
+    order: Literal["random", "confidence", "entropy"] = "random"
     seed: int = 0
 
 

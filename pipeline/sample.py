@@ -21,7 +21,7 @@ def generate_and_infill(export_dir: Path, cfg: RunConfig) -> str:
     def sample(tokens, fixed, steps):
         return diffusion_sample(
             logits_fn, tokens, fixed, mask_id=mask_id, vocab_size=len(tokenizer), steps=steps,
-            shift=shift, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+            shift=shift, temperature=s.temperature, top_p=s.top_p, order=s.order, seed=s.seed,
         )
 
     prompt_ids = [tokenizer.eos_token_id] + tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
