@@ -1,6 +1,7 @@
 """torch.distributed and Megatron-Core parallel state for one training process.
 
-Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or,
+for a process that ``srun`` started directly (one task per rank), from SLURM's.
 NCCL on GPUs, gloo on CPU; without CUDA the CPU mapping of ``megatron_ext.cpu_compat`` is
 applied before any Megatron-Core model code runs.
 """
@@ -23,6 +24,7 @@ def init_distributed(cfg: RunConfig, timeout_minutes: int = 10) -> None:
 
         apply_cpu_compat()
     if not dist.is_initialized():
+        export_slurm_ranks()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -44,6 +46,21 @@ def init_distributed(cfg: RunConfig, timeout_minutes: int = 10) -> None:
     # whatever the parallel layout (Megatron splits them after drawing).
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+
+
+def export_slurm_ranks() -> None:
+    """Under ``srun`` without torchrun, turn SLURM_PROCID / NTASKS / LOCALID / JOB_NODELIST into
+    the RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT that env:// reads; the master
+    is the allocation's first node and the port derives from the job id (the same on every task).
+    """
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # submitit reads SLURM's variables once it knows it is under SLURM (a submitit job already is).
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    # Every task keeps all of its node's GPUs visible: init_distributed picks one by LOCAL_RANK.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def shutdown_distributed() -> None:
