@@ -103,6 +103,22 @@ def test_tiny_job_completes_with_its_records(cluster, data, tmp_path):
     assert final_state(job.job_id) == "COMPLETED"
 
 
+def test_make_pretrain_on_a_login_node_submits_and_the_job_completes(cluster, data, tmp_path):
+    overrides = f"output_dir={tmp_path} init.source=checkpoint parallel.nproc_per_node=1 slurm.time_limit_minutes=10"
+    made = subprocess.run(["make", "pretrain", f"CONFIG={data}", f"ARGS={overrides}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    job_id = made.stdout.split("submitted job ")[1].split()[0]
+    deadline = time.time() + 240
+    while final_state(job_id) != "COMPLETED" and time.time() < deadline:
+        time.sleep(1)
+    assert final_state(job_id) == "COMPLETED"
+    assert (tmp_path / "tiny-test" / "export" / "model.safetensors").is_file()
+    status = subprocess.run(["make", "status", f"CONFIG={data}", f"ARGS={overrides}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert job_id in status.stdout
+
+
 def test_two_nodes_train_together_over_gloo(cluster, data, tmp_path):
     cfg = tiny_run(data, tmp_path, "parallel.nnodes=2")
     job = launch.submit(cfg)
