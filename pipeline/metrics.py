@@ -74,6 +74,13 @@ def plot_losses(metrics_files: dict[str, Path], out_png: Path) -> Optional[Path]
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
         axis.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)

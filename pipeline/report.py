@@ -9,11 +9,10 @@ writes ``report.md`` that shows them together.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-from pipeline.metrics import plot_losses, read_metrics
+from pipeline.metrics import plot_losses, read_metrics, save_figure
 
 STAGES = {"ar": "autoregressive start", "adapt": "diffusion adaptation"}
 CURVES = {"lr": "learning rate", "anneal_ratio": "attention annealing ratio", "tokens_per_s": "throughput (tokens/s)"}
@@ -34,12 +33,7 @@ def plot_curve(metrics_files: dict[str, Path], key: str, label: str, out_png: Pa
         axis.set_title(stage)
         axis.set_xlabel("step")
         axis.set_ylabel(label)
-    fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def write_report(run_dir: Path) -> Path:
