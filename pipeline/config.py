@@ -120,7 +120,8 @@ class TrainConfig:
     exit_interval: Optional[int] = None
     keep_last: int = 3  # checkpoints kept besides every keep_every-th; 0 keeps all
     keep_every: int = 0
-    # A step whose loss is NaN/Inf is skipped (no update); this many in a row stop the run.
+    # A step with a NaN/Inf loss or gradient is skipped (no update); this many in a row stop
+    # the run.
     max_bad_steps: int = 3
     # Start from this Megatron checkpoint's weights (fresh optimizer and schedule).
     init_checkpoint: Optional[str] = None

@@ -196,11 +196,8 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
     )
     model = DistributedDataParallel(
         model.config,
-        DistributedDataParallelConfig(
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-            # A NaN/Inf gradient with a finite loss stops the job (resume = roll back).
-            check_for_nan_in_grad=True,
-        ),
+        # NaN/Inf gradients are handled by the train.max_bad_steps policy (_step_is_bad).
+        DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.distributed_optimizer),
         model,
     )
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -247,13 +244,14 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
         model.zero_grad_buffer()
         optimizer.zero_grad()
         loss = run_batch(cfg, model, objective, train_set, step, step, forward_only=False)
-        if _loss_is_bad(loss):
+        if _step_is_bad(loss, model):
             bad_steps += 1
-            _print0(f"step {step}: loss is NaN/Inf, update skipped ({bad_steps} in a row)")
+            _print0(f"step {step}: NaN/Inf loss or gradient, update skipped ({bad_steps} in a row)")
             if bad_steps >= cfg.train.max_bad_steps:
                 raise FloatingPointError(
-                    f"train.max_bad_steps: {bad_steps} steps in a row had a NaN/Inf loss (last: "
-                    f"step {step}); resume from the last checkpoint with a lower train.lr"
+                    f"train.max_bad_steps: {bad_steps} steps in a row had a NaN/Inf loss or "
+                    f"gradient (last: step {step}); resume from a checkpoint before the "
+                    f"divergence with a lower train.lr"
                 )
             grad_norm = None
         else:
@@ -294,9 +292,16 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
     shutdown_distributed()
 
 
-def _loss_is_bad(loss: float | None) -> bool:
-    """Whether any rank saw a NaN/Inf loss (only the last pipeline stage holds the loss)."""
-    flag = torch.tensor([0.0 if loss is None or math.isfinite(loss) else 1.0])
+def _step_is_bad(loss: float | None, model) -> bool:
+    """Whether any rank saw a NaN/Inf loss (only the last pipeline stage holds it) or a NaN/Inf
+    gradient, checked before the optimizer would spread it into the weights."""
+    bad = loss is not None and not math.isfinite(loss)
+    for param in model.parameters():
+        grad = getattr(param, "main_grad", param.grad)
+        if bad or grad is None:
+            continue
+        bad = not bool(torch.isfinite(grad).all())
+    flag = torch.tensor([float(bad)])
     if torch.cuda.is_available():
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)

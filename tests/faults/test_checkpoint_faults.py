@@ -89,3 +89,17 @@ def test_checkpoint_of_another_model_is_a_clear_error(recipe, uninterrupted, tmp
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert "saved from a different model shape" in result.stderr
+
+
+def test_diverging_run_skips_bad_steps_then_stops_clearly(recipe, tmp_path):
+    # lr = 1e30: the first update blows the weights up, every later step is NaN.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "pipeline.train", "--config", str(recipe), "--out", str(tmp_path / "nan"),
+               "train.lr=1e30", "train.steps=8", "train.warmup_steps=0", "train.save_interval=1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert result.stdout.count("update skipped") == 3
+    assert "train.max_bad_steps: 3 steps in a row had a NaN/Inf loss or gradient" in result.stderr
+    # The checkpoints written before the stop are intact.
+    assert latest_checkpoint(tmp_path / "nan" / "checkpoints") is not None
