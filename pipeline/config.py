@@ -153,6 +153,8 @@ class SampleConfig:
     # Unmasking order: "random" (DiffuGPT), "confidence" (MaskGIT top-k), "entropy".
     order: Literal["random", "confidence", "entropy"] = "random"
     seed: int = 0
+    # Also decode a sample at every evaluation of the adaptation, logged with the metrics.
+    during_training: bool = True
 
 
 @dataclass

@@ -29,6 +29,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_ext.attention import (
     anneal_ratio,
@@ -39,6 +40,7 @@ from megatron_ext.attention import (
 )
 from megatron_ext.diffusion import diffusion_loss, diffusion_targets, sample_noise
 from megatron_ext.mask_token import resolve_mask_id
+from megatron_ext.sampling import diffusion_sample, prompt_and_masks
 from megatron_ext.model import build_gpt_model
 from pipeline import checkpoint
 from pipeline.config import RunConfig, load_config
@@ -113,6 +115,35 @@ class Objective:
         # clone: the schedule divides the returned loss in place by the micro-batch count.
         logs["loss"] = loss.detach().clone()
         return loss, logs
+
+
+@torch.no_grad()
+def training_sample(cfg: RunConfig, model, tokenizer, mask_id: int, step: int):
+    """A short diffusion sample from the model being trained, decoded bidirectionally.
+
+    Every rank of the first data-parallel replica decodes in lockstep (the same seed, logits
+    gathered over TP); other replicas, and pipeline-parallel layouts (whose stages would have
+    to pass activations per call), return None.
+    """
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 or parallel_state.get_data_parallel_rank() != 0:
+        return None
+    s = cfg.sample
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    tokens, fixed = prompt_and_masks([tokenizer.eod] + tokenizer.tokenize(s.prompt), s.length, mask_id)
+
+    def logits_fn(x):
+        positions = torch.arange(x.shape[1]).expand_as(x)
+        return model(x.to(device), positions.to(device), None, runtime_gather_output=True).cpu()
+
+    model.eval()
+    set_attn_mask_type(model, AttnMaskType.no_mask)
+    out = diffusion_sample(logits_fn, tokens, fixed, mask_id, tokenizer.vocab_size, steps=s.steps,
+                           shift=cfg.diffusion.shift, temperature=s.temperature, top_p=s.top_p,
+                           order=s.order, seed=s.seed)
+    set_attn_mask_type(model, attention_phase(cfg.diffusion.objective, step, cfg.diffusion.anneal_steps,
+                                              _mixes_ar_loss(cfg)))
+    model.train()
+    return tokenizer.detokenize(out[0, 1:].tolist())
 
 
 def _mixes_ar_loss(cfg: RunConfig) -> bool:
@@ -276,6 +307,8 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
             train_seconds, steps_timed, interval_losses = 0.0, 0, []
         if (step + 1) % cfg.train.eval_interval == 0 or last:
             values["val_loss"] = evaluate(cfg, model, objective, valid_set, step)
+            if cfg.diffusion.objective == "diffusion" and cfg.sample.during_training:
+                values["sample"] = training_sample(cfg, model, tokenizer, mask_id, step)
         if logger is not None and values:
             logger.log(step, values)
         # A job of a longer run (a SLURM allocation) stops after exit_interval steps, saved.

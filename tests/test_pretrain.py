@@ -68,6 +68,8 @@ def test_adaptation_lowers_the_diffusion_validation_loss(run):
     logged = [r for r in rows if "loss" in r]
     assert all({"lr", "tokens_per_s", "anneal_ratio"} <= r.keys() for r in logged)
     assert logged[-1]["anneal_ratio"] == 1.0
+    samples = [r["sample"] for r in rows if r.get("sample")]
+    assert samples and all(s.startswith("The hacker") for s in samples)  # decoded while training
 
 
 def test_adaptation_starts_from_the_autoregressive_stage(run):
