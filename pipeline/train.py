@@ -243,13 +243,13 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
     start = 0
     resume = _on_rank0(lambda: checkpoint.latest_checkpoint(ckpt_root))
     if resume is not None:
-        _check_shape(cfg, resume)
+        _check_compatible(cfg, resume, tokenizer.vocab_size)
         start = checkpoint.load_checkpoint(resume, model, optimizer, scheduler)
         _print0(f"resumed from {resume} at step {start}")
     elif cfg.train.init_checkpoint:
         init = Path(cfg.train.init_checkpoint)
         source = _on_rank0(lambda: checkpoint.latest_checkpoint(init)) or init
-        _check_shape(cfg, source)
+        _check_compatible(cfg, source, tokenizer.vocab_size)
         checkpoint.load_checkpoint(source, model)
         _print0(f"initialised weights from {source}")
 
@@ -348,16 +348,23 @@ def _on_rank0(compute):
     return result[0]
 
 
-def _check_shape(cfg: RunConfig, path: Path) -> None:
-    """A checkpoint of another model shape is a clear error, not a wall of missing keys."""
+def _check_compatible(cfg: RunConfig, path: Path, vocab_size: int) -> None:
+    """A checkpoint of another model shape or tokenizer is a clear error, not a wall of
+    missing keys or silently misread embeddings."""
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
         return
-    saved = json.loads(manifest_path.read_text()).get("config_fingerprint")
+    manifest = json.loads(manifest_path.read_text())
+    saved = manifest.get("config_fingerprint")
     if saved is not None and saved != cfg.fingerprint():
         raise ValueError(
             f"{path}: saved from a different model shape (fingerprint {saved}, this config's "
             f"model section gives {cfg.fingerprint()})"
+        )
+    if manifest.get("vocab_size", vocab_size) != vocab_size:
+        raise ValueError(
+            f"{path}: saved with a tokenizer of {manifest['vocab_size']} tokens, but "
+            f"data.tokenizer ({cfg.data.tokenizer}) has {vocab_size}"
         )
 
 

@@ -103,3 +103,16 @@ def test_diverging_run_skips_bad_steps_then_stops_clearly(recipe, tmp_path):
     assert "train.max_bad_steps: 3 steps in a row had a NaN/Inf loss or gradient" in result.stderr
     # The checkpoints written before the stop are intact.
     assert latest_checkpoint(tmp_path / "nan" / "checkpoints") is not None
+
+
+def test_checkpoint_of_another_tokenizer_is_a_clear_error(recipe, uninterrupted, tmp_path):
+    from data_prep.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer([str(recipe.parent / "corpus.txt")], 400, str(tmp_path / "tokenizer"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "pipeline.train", "--config", str(recipe), "--out", str(tmp_path / "other"),
+               f"train.init_checkpoint={uninterrupted / 'checkpoints'}", f"data.tokenizer={tmp_path / 'tokenizer'}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "saved with a tokenizer of 520 tokens, but data.tokenizer" in result.stderr
