@@ -1,4 +1,4 @@
-"""Command line: `python -m data_prep {train-tokenizer,build,verify} ...`."""
+"""Command line: `python -m data_prep {train-tokenizer,build,build-sharded,merge,verify} ...`."""
 
 import argparse
 import json
@@ -24,6 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     build.add_argument("--overwrite", action="store_true", help="rebuild even if a valid dataset exists")
 
+    sharded = commands.add_parser(
+        "build-sharded", help="tokenize a corpus into <prefix>.shard-NNNNN.bin/.idx, keeping shards that verify (resume)"
+    )
+    sharded.add_argument("--input", nargs="+", required=True, help="corpus files or globs")
+    sharded.add_argument("--tokenizer", required=True, help="local tokenizer directory or HF hub name")
+    sharded.add_argument("--output-prefix", required=True, help="writes <prefix>.shard-00000.bin/.idx, ...")
+    sharded.add_argument("--documents-per-shard", type=int, required=True)
+    sharded.add_argument("--text-field", default="text", help="document field of json/parquet/arrow records")
+    sharded.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+
+    merge = commands.add_parser("merge", help="concatenate shard datasets, in the order given, into <prefix>.bin/.idx")
+    merge.add_argument("--shards", nargs="+", required=True, help="shard prefixes (without .bin/.idx)")
+    merge.add_argument("--output-prefix", required=True)
+
     verify = commands.add_parser("verify", help="check a <prefix>.bin/.idx dataset and print a JSON summary")
     verify.add_argument("prefix")
 
@@ -47,6 +61,22 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 overwrite=args.overwrite,
             )
+        elif args.command == "build-sharded":
+            from data_prep.shards import build_sharded
+            from data_prep.tokenizer import load_tokenizer
+
+            summary = build_sharded(
+                args.input,
+                load_tokenizer(args.tokenizer),
+                args.output_prefix,
+                args.documents_per_shard,
+                text_field=args.text_field,
+                workers=args.workers,
+            )
+        elif args.command == "merge":
+            from data_prep.shards import merge_shards
+
+            summary = merge_shards(args.shards, args.output_prefix)
         else:
             from data_prep.verify import verify_indexed_dataset
 

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import sys
 import time
+from typing import Iterable
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -63,7 +64,7 @@ def _encoded_documents(documents, tokenizer, workers: int, batch_size: int = 64)
                 yield from encoded
 
 
-def _is_complete(prefix: str) -> bool:
+def is_complete(prefix: str) -> bool:
     if not (os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")):
         return False
     try:
@@ -89,12 +90,27 @@ def build_indexed_dataset(
     if workers < 1:
         raise DataPrepError(f"workers must be at least 1, got {workers}")
     files = expand_paths(paths)  # a typo in --input should fail even when there is nothing to do
-    if not overwrite and _is_complete(output_prefix):
+    if not overwrite and is_complete(output_prefix):
         print(f"{output_prefix}.bin/.idx exist and verify, skipping (pass overwrite to rebuild)", file=sys.stderr)
         return {**verify_indexed_dataset(output_prefix), "skipped": True}
+
+    return write_indexed_dataset(iter_documents(files, text_field), tokenizer, output_prefix, workers, log_every)
+
+
+def write_indexed_dataset(
+    texts: Iterable[str],
+    tokenizer: PreTrainedTokenizerBase,
+    output_prefix: str,
+    workers: int = 1,
+    log_every: float = 5.0,
+) -> dict:
+    """Tokenize `texts` into `<output_prefix>.bin/.idx`, replacing what is there; return a summary dict.
+
+    The files appear under their final names only once complete, so an interrupted write
+    never leaves a dataset that verifies.
+    """
     if tokenizer.eos_token_id is None:
         raise DataPrepError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end documents with")
-
     vocab_size = len(tokenizer)
     dtype = DType.optimal_dtype(vocab_size)
     dtype_max = np.iinfo(dtype).max
@@ -106,7 +122,7 @@ def build_indexed_dataset(
     start = last_log = time.monotonic()
     try:
         builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
-        for ids in _encoded_documents(iter_documents(files, text_field), tokenizer, workers):
+        for ids in _encoded_documents(texts, tokenizer, workers):
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= vocab_size or hi > dtype_max:
                 raise DataPrepError(
