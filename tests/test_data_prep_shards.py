@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -16,7 +15,7 @@ from data_prep.__main__ import main
 from data_prep.build import build_indexed_dataset
 from data_prep.corpus import DataPrepError
 from data_prep.shards import build_sharded, merge_shards, shard_prefix
-from data_prep.tokenizer import load_tokenizer, train_bpe_tokenizer
+from test_data_prep import read_documents, tokenizer, tokenizer_dir  # noqa: F401 (fixtures)
 
 PARAGRAPHS = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog, café №{i * 7}.\nAgain." for i in range(230)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,24 +29,6 @@ def write_corpus(path, paragraphs):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", PARAGRAPHS)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, corpus):
-    out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_bpe_tokenizer([corpus], vocab_size=400, out_dir=str(out))
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
-
-
-def read_documents(prefix):
-    dataset = IndexedDataset(prefix)
-    bounds = dataset.document_indices
-    return [np.concatenate([dataset[s] for s in range(bounds[d], bounds[d + 1])]).tolist() for d in range(len(bounds) - 1)]
 
 
 def file_states(prefixes):
