@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -218,7 +219,19 @@ def evaluate(cfg, model, objective, dataset, step) -> float | None:
     return None if losses[0] is None else sum(losses) / len(losses)
 
 
+def check_writable(out_dir: Path) -> None:
+    """Fail before any work when the stage directory cannot take files."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"--out {out_dir}: cannot write there ({err.strerror})") from None
+
+
 def train(cfg: RunConfig, out_dir: Path) -> None:
+    check_writable(out_dir)
     init_distributed(cfg)
     tokenizer = megatron_tokenizer(cfg.data.tokenizer)
     mask_id = resolve_mask_id(tokenizer, cfg.diffusion.mask_token, cfg.diffusion.mask_token_id)

@@ -116,3 +116,13 @@ def test_checkpoint_of_another_tokenizer_is_a_clear_error(recipe, uninterrupted,
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert "saved with a tokenizer of 520 tokens, but data.tokenizer" in result.stderr
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path):
+    from pipeline.train import check_writable
+
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the run directory should go")
+    with pytest.raises(OSError, match=r"--out .*file/run: cannot write there"):
+        check_writable(blocked / "run")
+    assert blocked.read_text().startswith("a file")
