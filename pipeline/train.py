@@ -168,7 +168,6 @@ def build_optimizer(cfg: RunConfig, model):
         ),
         [model],
     )
-    decay_style = {"cosine": "cosine", "constant": "constant", "linear": "linear"}[t.lr_schedule]
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if t.warmup_steps else t.lr,
@@ -176,7 +175,7 @@ def build_optimizer(cfg: RunConfig, model):
         min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps,
         lr_decay_steps=t.steps,
-        lr_decay_style=decay_style,
+        lr_decay_style=t.lr_schedule,  # the config's names are Megatron's
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
         wd_incr_steps=t.steps,
