@@ -35,6 +35,16 @@ from pipeline.distributed import init_distributed
 from pipeline.metrics import read_metrics
 
 
+# A GPT-2 layer's modules, (Megatron name, HF GPT-2 name): weight and bias each. The Linear
+# weights are transposed between the two (HF's Conv1D stores [in, out]).
+GPT2_LAYER_LINEARS = (
+    ("self_attention.linear_proj", "attn.c_proj"),
+    ("mlp.linear_fc1", "mlp.c_fc"),
+    ("mlp.linear_fc2", "mlp.c_proj"),
+)
+GPT2_LAYER_NORMS = (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2"))
+
+
 def init_single_process(cfg: RunConfig) -> None:
     """World size 1 and Megatron parallel state TP = PP = 1 in this process."""
     if not dist.is_initialized():
@@ -119,11 +129,10 @@ def gpt2_state_dict(model: GPTModel, cfg: RunConfig, vocab_size: int) -> dict[st
         out[hf + "attn.c_attn.weight"] = torch.cat(qkv_weight).t()
         qkv_bias = split_qkv(src[meg + "self_attention.linear_qkv.bias"], heads, heads)
         out[hf + "attn.c_attn.bias"] = torch.cat(qkv_bias)
-        for meg_name, hf_name in (("self_attention.linear_proj", "attn.c_proj"),
-                                  ("mlp.linear_fc1", "mlp.c_fc"), ("mlp.linear_fc2", "mlp.c_proj")):
+        for meg_name, hf_name in GPT2_LAYER_LINEARS:
             out[hf + hf_name + ".weight"] = src[meg + meg_name + ".weight"].t()
             out[hf + hf_name + ".bias"] = src[meg + meg_name + ".bias"]
-        for meg_name, hf_name in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+        for meg_name, hf_name in GPT2_LAYER_NORMS:
             out[hf + hf_name + ".weight"] = src[meg + meg_name + ".weight"]
             out[hf + hf_name + ".bias"] = src[meg + meg_name + ".bias"]
     out["transformer.ln_f.weight"] = src["decoder.final_layernorm.weight"]

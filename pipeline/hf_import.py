@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from pipeline.checkpoint import latest_checkpoint, save_checkpoint
 from pipeline.config import ModelConfig, RunConfig, load_config
-from pipeline.export import build_single_process_model
+from pipeline.export import GPT2_LAYER_LINEARS, GPT2_LAYER_NORMS, build_single_process_model
 
 CHECKPOINT_STEP = 0
 
@@ -151,11 +151,10 @@ def megatron_from_gpt2(hf: dict, m: ModelConfig, rows: int) -> dict[str, torch.T
         out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, heads, heads)
         q, k, v = hf[src + "attn.c_attn.bias"].chunk(3)
         out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(q, k, v, heads, heads)
-        for hf_name, meg_name in (("attn.c_proj", "self_attention.linear_proj"),
-                                  ("mlp.c_fc", "mlp.linear_fc1"), ("mlp.c_proj", "mlp.linear_fc2")):
+        for meg_name, hf_name in GPT2_LAYER_LINEARS:
             out[dst + meg_name + ".weight"] = hf[src + hf_name + ".weight"].t()
             out[dst + meg_name + ".bias"] = hf[src + hf_name + ".bias"]
-        for hf_name, meg_name in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
+        for meg_name, hf_name in GPT2_LAYER_NORMS:
             out[dst + meg_name + ".weight"] = hf[src + hf_name + ".weight"]
             out[dst + meg_name + ".bias"] = hf[src + hf_name + ".bias"]
     out["decoder.final_layernorm.weight"] = hf["transformer.ln_f.weight"]
