@@ -16,7 +16,6 @@ resumes the same way. Everything a job leaves lands in ``runs/<name>/``: the res
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from pipeline import checkpoint
 from pipeline.config import RunConfig, save_config
+from pipeline.pretrain import finish_run, finished_checkpoint, training_stages
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -46,25 +46,6 @@ class LaunchError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------
 # What runs in every task
-
-
-def training_stages(cfg: RunConfig) -> list[tuple[RunConfig, Path]]:
-    """The run's training stages in order, as (stage config, stage directory)."""
-    from pipeline.pretrain import ar_stage_config
-
-    stages = []
-    adapt = copy.deepcopy(cfg)
-    if cfg.init.source == "ar_pretrain":
-        ar_dir = cfg.run_dir / "ar"
-        stages.append((ar_stage_config(cfg), ar_dir))
-        adapt.train.init_checkpoint = str(ar_dir / "checkpoints")
-    stages.append((adapt, cfg.run_dir / "adapt"))
-    return stages
-
-
-def _finished(stage: RunConfig, stage_dir: Path) -> bool:
-    final = checkpoint.latest_checkpoint(stage_dir / "checkpoints")
-    return final is not None and checkpoint.read_manifest(final)["step"] >= stage.train.steps
 
 
 def _flag_sigterm() -> threading.Event:
@@ -116,7 +97,7 @@ class TrainingJob(Checkpointable):
         first_port = int(os.environ["MASTER_PORT"])
         stages = training_stages(self.cfg)
         for index, (stage, stage_dir) in enumerate(stages):
-            if _finished(stage, stage_dir):
+            if finished_checkpoint(stage, stage_dir) is not None:
                 continue
             if rank == 0:
                 save_config(stage, stage_dir / "config.yaml")
@@ -124,18 +105,9 @@ class TrainingJob(Checkpointable):
             # rendezvous store may still hold its port in this process.
             os.environ["MASTER_PORT"] = str(first_port + index)
             train(stage, stage_dir)
-        final_stage, final_dir = stages[-1]
-        final = checkpoint.latest_checkpoint(final_dir / "checkpoints")
+        final = checkpoint.latest_checkpoint(stages[-1][1] / "checkpoints")
         if rank == 0:
-            from pipeline.export import export_to_hf
-            from pipeline.metrics import plot_losses
-            from pipeline.pretrain import print_samples
-
-            labels = {"ar": "autoregressive start", "diffusion": "diffusion adaptation"}
-            plot_losses({labels[stage.diffusion.objective]: stage_dir / "metrics.jsonl"
-                         for stage, stage_dir in stages}, self.cfg.run_dir / "loss.png")
-            export_dir = export_to_hf(final_stage, final, self.cfg.run_dir / "export")
-            print_samples(self.cfg, export_dir)
+            finish_run(self.cfg, stages)
         return str(final)
 
     def checkpoint(self) -> DelayedSubmission:

@@ -48,13 +48,33 @@ def ar_stage_config(cfg: RunConfig) -> RunConfig:
     return stage
 
 
+def training_stages(cfg: RunConfig) -> list[tuple[RunConfig, Path]]:
+    """The run's training stages in order, as (stage config, stage directory)."""
+    stages = []
+    adapt = copy.deepcopy(cfg)
+    if cfg.init.source == "ar_pretrain":
+        ar_dir = cfg.run_dir / "ar"
+        stages.append((ar_stage_config(cfg), ar_dir))
+        adapt.train.init_checkpoint = str(ar_dir / "checkpoints")
+    stages.append((adapt, cfg.run_dir / "adapt"))
+    return stages
+
+
+def finished_checkpoint(cfg: RunConfig, out_dir: Path):
+    """The stage's last checkpoint if it reached ``train.steps``, else None."""
+    final = checkpoint.latest_checkpoint(out_dir / "checkpoints")
+    if final is not None and checkpoint.read_manifest(final)["step"] >= cfg.train.steps:
+        return final
+    return None
+
+
 def run_training_stage(cfg: RunConfig, out_dir: Path) -> Path:
     """Run ``pipeline.train`` under torchrun; returns the stage's final checkpoint."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
     save_config(cfg, config_path)
-    final = checkpoint.latest_checkpoint(out_dir / "checkpoints")
-    if final is not None and checkpoint.read_manifest(final)["step"] >= cfg.train.steps:
+    final = finished_checkpoint(cfg, out_dir)
+    if final is not None:
         print(f"== {out_dir} already finished ({final.name})")
         return final
     command = [
@@ -87,22 +107,24 @@ def pretrain(cfg: RunConfig) -> Path:
 
         cfg = start_from_hf(cfg, run_dir / "import")
     prepare_data(cfg)
-    adapt = copy.deepcopy(cfg)
-    metrics = {}
-    if cfg.init.source == "ar_pretrain":
-        ar_dir = run_dir / "ar"
-        run_training_stage(ar_stage_config(cfg), ar_dir)
-        adapt.train.init_checkpoint = str(ar_dir / "checkpoints")
-        metrics["autoregressive start"] = ar_dir / "metrics.jsonl"
-    adapt_dir = run_dir / "adapt"
-    final = run_training_stage(adapt, adapt_dir)
-    metrics["diffusion adaptation"] = adapt_dir / "metrics.jsonl"
-    plot = plot_losses(metrics, run_dir / "loss.png")
+    stages = training_stages(cfg)
+    for stage, stage_dir in stages:
+        run_training_stage(stage, stage_dir)
+    return finish_run(cfg, stages)
+
+
+def finish_run(cfg: RunConfig, stages: list[tuple[RunConfig, Path]]) -> Path:
+    """After the training stages: the loss curves, the export of the last stage, samples."""
+    labels = {"ar": "autoregressive start", "diffusion": "diffusion adaptation"}
+    plot = plot_losses({labels[stage.diffusion.objective]: stage_dir / "metrics.jsonl"
+                        for stage, stage_dir in stages}, cfg.run_dir / "loss.png")
     print(f"== loss curves: {plot}")
 
     from pipeline.export import export_to_hf
 
-    export_dir = export_to_hf(cfg, final, run_dir / "export")
+    final_stage, final_dir = stages[-1]
+    final = checkpoint.latest_checkpoint(final_dir / "checkpoints")
+    export_dir = export_to_hf(final_stage, final, cfg.run_dir / "export")
     print(f"== exported {final} -> {export_dir}")
     print_samples(cfg, export_dir)
     return export_dir
