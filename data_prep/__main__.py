@@ -6,32 +6,34 @@ import sys
 
 from data_prep.corpus import DataPrepError
 
+INPUTS = "corpus files or globs (.txt[.gz], .json[l][.gz], .parquet, .arrow) or hf:<dataset>[:<config>][@<split>]"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with EOS and mask tokens")
-    train.add_argument("--input", nargs="+", required=True, help="corpus files or globs (.txt[.gz], .json[l][.gz], .parquet, .arrow)")
+    train.add_argument("--input", nargs="+", required=True, help=INPUTS)
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True, help="directory to save the HF tokenizer files in")
 
     build = commands.add_parser("build", help="tokenize a corpus into a Megatron <prefix>.bin/.idx dataset")
-    build.add_argument("--input", nargs="+", required=True, help="corpus files or globs")
+    build.add_argument("--input", nargs="+", required=True, help=INPUTS)
     build.add_argument("--tokenizer", required=True, help="local tokenizer directory or HF hub name")
     build.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
-    build.add_argument("--text-field", default="text", help="document field of json/parquet/arrow records")
+    build.add_argument("--text-field", default="text", help="document field of json/parquet/arrow/hf: records")
     build.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     build.add_argument("--overwrite", action="store_true", help="rebuild even if a valid dataset exists")
 
     sharded = commands.add_parser(
         "build-sharded", help="tokenize a corpus into <prefix>.shard-NNNNN.bin/.idx, keeping shards that verify (resume)"
     )
-    sharded.add_argument("--input", nargs="+", required=True, help="corpus files or globs")
+    sharded.add_argument("--input", nargs="+", required=True, help=INPUTS)
     sharded.add_argument("--tokenizer", required=True, help="local tokenizer directory or HF hub name")
     sharded.add_argument("--output-prefix", required=True, help="writes <prefix>.shard-00000.bin/.idx, ...")
     sharded.add_argument("--documents-per-shard", type=int, required=True)
-    sharded.add_argument("--text-field", default="text", help="document field of json/parquet/arrow records")
+    sharded.add_argument("--text-field", default="text", help="document field of json/parquet/arrow/hf: records")
     sharded.add_argument("--workers", type=int, default=1, help="tokenizer processes")
 
     merge = commands.add_parser("merge", help="concatenate shard datasets, in the order given, into <prefix>.bin/.idx")

@@ -1,6 +1,8 @@
-"""Stream documents out of local text/json/parquet/arrow files via HF `datasets`.
+"""Stream documents out of local text/json/parquet/arrow files, or Hub datasets, via HF `datasets`.
 
-Every failure raises DataPrepError with a one-line message naming the file, because a
+An input is a file, a glob, or `hf:<dataset>[:<config>][@<split>]`: a Hub dataset name or a
+local dataset folder, streamed (nothing is downloaded up front), split `train` by default.
+Every failure raises DataPrepError with a one-line message naming the input, because a
 bad shard found an hour into a build is only useful if the error says which one.
 """
 
@@ -13,6 +15,22 @@ from datasets import load_dataset
 
 class DataPrepError(ValueError):
     """A problem with the user's inputs, reported as one line (the CLI exits 2)."""
+
+
+HUB_PREFIX = "hf:"
+
+
+def is_hub_input(spec: str) -> bool:
+    return spec.startswith(HUB_PREFIX)
+
+
+def parse_hub_input(spec: str) -> tuple[str, str | None, str]:
+    """`hf:<dataset>[:<config>][@<split>]` -> (dataset, config or None, split)."""
+    rest, at, split = spec[len(HUB_PREFIX) :].partition("@")
+    name, colon, config = rest.partition(":")
+    if not name or (colon and not config) or (at and not split):
+        raise DataPrepError(f"{spec}: expected hf:<dataset name or folder>[:<config>][@<split>]")
+    return name, config or None, split or "train"
 
 
 # Longest suffix first so "x.jsonl.gz" matches ".jsonl.gz" rather than nothing.
@@ -36,9 +54,16 @@ def builder_for(path: str) -> str:
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Expand globs (sorted, so the corpus order is reproducible) and check every file exists."""
+    """Expand globs (sorted, so the corpus order is reproducible) and check every file exists.
+
+    `hf:` inputs are kept as they are: whether they exist is only known once loaded.
+    """
     files = []
     for pattern in paths:
+        if is_hub_input(pattern):
+            parse_hub_input(pattern)
+            files.append(pattern)
+            continue
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
@@ -53,7 +78,25 @@ def expand_paths(paths: list[str]) -> list[str]:
     return files
 
 
+def _gist(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _hub_records(spec: str) -> Iterator[dict]:
+    name, config, split = parse_hub_input(spec)
+    try:
+        yield from load_dataset(name, config, split=split, streaming=True)
+    except (ConnectionError, FileNotFoundError) as e:  # offline, no such dataset, no such folder
+        raise DataPrepError(f"{spec}: dataset {name!r} could not be reached or found ({_gist(e)})") from e
+    except Exception as e:  # a bad config or split name, a broken file in the dataset
+        raise DataPrepError(f"{spec}: cannot stream dataset {name!r}: {_gist(e)}") from e
+
+
 def _records(path: str) -> Iterator[dict]:
+    if is_hub_input(path):
+        yield from _hub_records(path)
+        return
     builder = builder_for(path)
     # "paragraph" makes each blank-line separated block one document (datasets
     # decompresses .gz itself, by extension).
@@ -63,18 +106,17 @@ def _records(path: str) -> Iterator[dict]:
     except UnicodeDecodeError as e:
         raise DataPrepError(f"{path}: not valid UTF-8 text ({e.reason})") from e
     except Exception as e:  # pyarrow / gzip / datasets errors: keep the gist, add the file name
-        gist = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataPrepError(f"{path}: cannot read as {builder}: {type(e).__name__}: {gist}") from e
+        raise DataPrepError(f"{path}: cannot read as {builder}: {_gist(e)}") from e
 
 
 def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
     """Yield the non-blank documents of every file, in order, one at a time.
 
-    `text_field` names the document column of json/parquet/arrow files; in .txt files
-    each paragraph is a document.
+    `text_field` names the document column of json/parquet/arrow files and Hub datasets;
+    in .txt files each paragraph is a document.
     """
     for path in expand_paths(paths):
-        is_text_file = builder_for(path) == "text"
+        is_text_file = not is_hub_input(path) and builder_for(path) == "text"
         field = "text" if is_text_file else text_field
         documents = 0
         for record in _records(path):

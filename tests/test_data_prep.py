@@ -3,6 +3,8 @@
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +17,8 @@ from data_prep.build import build_indexed_dataset
 from data_prep.corpus import DataPrepError, iter_documents
 from data_prep.tokenizer import EOS_TOKEN, MASK_TOKEN, load_tokenizer, train_bpe_tokenizer
 from data_prep.verify import verify_indexed_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PARAGRAPHS = [
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog, café №{i * 7}.\nA second line."
@@ -202,3 +206,60 @@ def test_cli(corpus, tokenizer_dir, tmp_path, capsys):
     assert main(["build", "--input", str(tmp_path / "x.csv"), "--tokenizer", tokenizer_dir, "--output-prefix", prefix]) == 2
     assert main(["build", "--input", corpus, "--tokenizer", str(tmp_path / "no-tokenizer"), "--output-prefix", prefix]) == 2
     assert "no-tokenizer" in capsys.readouterr().err
+
+
+def write_records(path, records):
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=50)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_hub_input_of_a_local_folder_streams_the_same_documents(kind, tokenizer, tmp_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    # Names whose order as strings is not their numeric order: both readings must sort alike.
+    for part, start in [(1, 0), (2, 70), (10, 140)]:
+        write_records(folder / f"part-{part}.{kind}", [{"body": t} for t in PARAGRAPHS[start : start + 70]])
+    direct = list(iter_documents([str(folder / f"*.{kind}")], text_field="body"))
+    assert direct == PARAGRAPHS[:70] + PARAGRAPHS[140:] + PARAGRAPHS[70:140]
+    assert list(iter_documents([f"hf:{folder}"], text_field="body")) == direct
+
+    build_indexed_dataset([str(folder / f"*.{kind}")], tokenizer, str(tmp_path / "direct"), text_field="body")
+    build_indexed_dataset([f"hf:{folder}@train"], tokenizer, str(tmp_path / "hub"), text_field="body")
+    for ext in (".bin", ".idx"):
+        assert open(tmp_path / f"direct{ext}", "rb").read() == open(tmp_path / f"hub{ext}", "rb").read()
+
+
+def test_hub_input_picks_its_split(tmp_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    write_records(folder / "train.jsonl", [{"text": "a training document"}])
+    write_records(folder / "test.jsonl", [{"text": "a test document"}])
+    assert list(iter_documents([f"hf:{folder}"])) == ["a training document"]
+    assert list(iter_documents([f"hf:{folder}@test"])) == ["a test document"]
+    with pytest.raises(DataPrepError, match=rf"hf:{folder}@dev: cannot stream dataset .*Bad split: dev"):
+        list(iter_documents([f"hf:{folder}@dev"]))
+    with pytest.raises(DataPrepError, match=r"hf:x@: expected hf:<dataset name or folder>\[:<config>\]\[@<split>\]"):
+        list(iter_documents(["hf:x@"]))
+    with pytest.raises(DataPrepError, match=rf"hf:{tmp_path}/nothing: dataset .* could not be reached or found"):
+        list(iter_documents([f"hf:{tmp_path}/nothing"]))
+
+
+def test_unreachable_hub_dataset_is_a_one_line_error(tokenizer_dir, tmp_path, monkeypatch):
+    # datasets reads the offline switches when imported: a fresh process sees them.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    command = [sys.executable, "-m", "data_prep", "build", "--input", "hf:difftron-tests/no-such-dataset:en@train",
+               "--tokenizer", tokenizer_dir, "--output-prefix", str(tmp_path / "data")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "error: hf:difftron-tests/no-such-dataset:en@train: dataset 'difftron-tests/no-such-dataset' "
+        "could not be reached or found"
+    ), result.stderr
+    assert os.listdir(tmp_path) == []
