@@ -10,13 +10,14 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from transformers import PreTrainedTokenizerBase
 
 from data_prep.corpus import DataPrepError, expand_paths, iter_documents
+from data_prep.progress import ReadProgress, eta_text, format_seconds
 from data_prep.verify import verify_indexed_dataset
 
 
@@ -94,7 +95,9 @@ def build_indexed_dataset(
         print(f"{output_prefix}.bin/.idx exist and verify, skipping (pass overwrite to rebuild)", file=sys.stderr)
         return {**verify_indexed_dataset(output_prefix), "skipped": True}
 
-    return write_indexed_dataset(iter_documents(files, text_field), tokenizer, output_prefix, workers, log_every)
+    progress = ReadProgress(files)
+    documents = iter_documents(files, text_field, progress)
+    return write_indexed_dataset(documents, tokenizer, output_prefix, workers, log_every, progress.fraction)
 
 
 def write_indexed_dataset(
@@ -103,11 +106,13 @@ def write_indexed_dataset(
     output_prefix: str,
     workers: int = 1,
     log_every: float = 5.0,
+    read_fraction: Callable[[], float | None] = lambda: None,
 ) -> dict:
     """Tokenize `texts` into `<output_prefix>.bin/.idx`, replacing what is there; return a summary dict.
 
     The files appear under their final names only once complete, so an interrupted write
-    never leaves a dataset that verifies.
+    never leaves a dataset that verifies. Every `log_every` seconds a progress line goes to
+    stderr, with an ETA when `read_fraction()` tells the part of the input read so far.
     """
     if tokenizer.eos_token_id is None:
         raise DataPrepError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end documents with")
@@ -120,6 +125,7 @@ def write_indexed_dataset(
     documents = tokens = 0
     min_id, max_id = vocab_size, -1
     start = last_log = time.monotonic()
+    first_fraction = read_fraction()
     try:
         builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
         for ids in _encoded_documents(texts, tokenizer, workers):
@@ -137,8 +143,10 @@ def write_indexed_dataset(
                 last_log = time.monotonic()
                 elapsed = last_log - start
                 print(
-                    f"{documents:,} docs {tokens:,} tokens | {documents / elapsed:,.0f} docs/s {tokens / elapsed:,.0f} tok/s",
+                    f"{output_prefix}: {documents:,} docs {tokens:,} tokens | {documents / elapsed:,.0f} docs/s "
+                    f"{tokens / elapsed:,.0f} tok/s | {eta_text(read_fraction(), first_fraction, elapsed)}",
                     file=sys.stderr,
+                    flush=True,
                 )
         builder.finalize(tmp_prefix + ".idx")
         # .idx last: a crash between the two renames leaves a new .bin with an old .idx,
@@ -151,6 +159,12 @@ def write_indexed_dataset(
                 os.remove(leftover)
 
     seconds = time.monotonic() - start
+    print(
+        f"{output_prefix}: {documents:,} docs {tokens:,} tokens in {format_seconds(seconds)} "
+        f"({documents / seconds:,.0f} docs/s {tokens / seconds:,.0f} tok/s)",
+        file=sys.stderr,
+        flush=True,
+    )
     return {
         "documents": documents,
         "tokens": tokens,

@@ -8,9 +8,12 @@ bad shard found an hour into a build is only useful if the error says which one.
 
 import glob
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from datasets import load_dataset
+
+if TYPE_CHECKING:
+    from data_prep.progress import ReadProgress
 
 
 class DataPrepError(ValueError):
@@ -101,6 +104,10 @@ def _records(path: str) -> Iterator[dict]:
     # "paragraph" makes each blank-line separated block one document (datasets
     # decompresses .gz itself, by extension).
     options = {"sample_by": "paragraph"} if builder == "text" else {}
+    if builder in ("text", "json"):
+        # Read in 1 MB steps, not datasets' 10 MB: the file offset, which the ETA goes by,
+        # then runs at most 1 MB ahead of the documents handed out.
+        options["chunksize"] = 1 << 20
     try:
         yield from load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
     except UnicodeDecodeError as e:
@@ -109,17 +116,24 @@ def _records(path: str) -> Iterator[dict]:
         raise DataPrepError(f"{path}: cannot read as {builder}: {_gist(e)}") from e
 
 
-def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
+def iter_documents(
+    paths: list[str], text_field: str = "text", progress: "ReadProgress | None" = None
+) -> Iterator[str]:
     """Yield the non-blank documents of every file, in order, one at a time.
 
     `text_field` names the document column of json/parquet/arrow files and Hub datasets;
-    in .txt files each paragraph is a document.
+    in .txt files each paragraph is a document. `progress`, made for the same (expanded)
+    inputs, is kept up to date with how far the reading has got.
     """
-    for path in expand_paths(paths):
+    for index, path in enumerate(expand_paths(paths)):
+        if progress is not None:
+            progress.start(index)
         is_text_file = not is_hub_input(path) and builder_for(path) == "text"
         field = "text" if is_text_file else text_field
         documents = 0
         for record in _records(path):
+            if progress is not None:
+                progress.rows += 1
             if field not in record:
                 raise DataPrepError(f"{path}: no field {field!r} (fields present: {', '.join(record) or 'none'})")
             text = record[field]

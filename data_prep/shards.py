@@ -9,13 +9,13 @@ import gc
 import glob
 import itertools
 import os
-import sys
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from transformers import PreTrainedTokenizerBase
 
 from data_prep.build import is_complete, write_indexed_dataset
-from data_prep.corpus import DataPrepError, iter_documents
+from data_prep.corpus import DataPrepError, expand_paths, iter_documents
+from data_prep.progress import ReadProgress
 from data_prep.verify import verify_indexed_dataset
 
 
@@ -45,7 +45,9 @@ def build_sharded(
         raise DataPrepError(f"documents_per_shard must be at least 1, got {documents_per_shard}")
     if workers < 1:
         raise DataPrepError(f"workers must be at least 1, got {workers}")
-    documents = iter_documents(paths, text_field)
+    files = expand_paths(paths)
+    progress = ReadProgress(files)
+    documents = iter_documents(files, text_field, progress)
     shards, built, kept = [], [], []
     for index in itertools.count():
         first = next(documents, None)
@@ -66,8 +68,7 @@ def build_sharded(
             kept.append(prefix)
         else:
             _remove_stale_temp_files(prefix)
-            summary = write_indexed_dataset(shard_documents, tokenizer, prefix, workers)
-            print(f"{prefix}: {summary['documents']:,} docs {summary['tokens']:,} tokens", file=sys.stderr)
+            write_indexed_dataset(shard_documents, tokenizer, prefix, workers, read_fraction=progress.fraction)
             built.append(prefix)
         shards.append(prefix)
     return {"shards": shards, "built": built, "kept": kept}

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -263,3 +264,32 @@ def test_unreachable_hub_dataset_is_a_one_line_error(tokenizer_dir, tmp_path, mo
         "could not be reached or found"
     ), result.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_progress_lines_say_how_much_is_read_and_when_it_ends(kind, tokenizer, tmp_path, capsys):
+    # About 4 MB of near equal-sized documents, so the share of documents done is the share of input read.
+    records = [{"text": f"{i:05d} " + " ".join(PARAGRAPHS[i % 20 : i % 20 + 20])} for i in range(2000)]
+    path = write_records(tmp_path / f"docs.{kind}", records)
+    build_indexed_dataset([path], tokenizer, str(tmp_path / "data"), log_every=0)
+    lines = capsys.readouterr().err.splitlines()
+    pattern = r".*: ([\d,]+) docs .* tok/s \| (\d+)% read, ETA \d+:\d\d:\d\d"
+    progress = [re.fullmatch(pattern, line) for line in lines[:-1]]
+    assert all(progress), lines[:3]
+    done = [int(m.group(1).replace(",", "")) / len(records) for m in progress]
+    read = [int(m.group(2)) / 100 for m in progress]
+    assert read == sorted(read) and read[-1] == 1.0
+    # The reader is ahead of the documents written by at most what it reads at once:
+    # 1 MB of a JSONL file, a row group of 50 rows (plus the tokenizer's batch) of Parquet.
+    ahead = (1 << 20) / os.path.getsize(path) + 0.02 if kind == "jsonl" else 0.1
+    assert all(d - 0.01 <= r <= d + ahead for d, r in zip(done, read)), list(zip(done, read))[::100]
+    assert re.fullmatch(r".*data: 2,000 docs [\d,]+ tokens in \d+:\d\d:\d\d \([\d,]+ docs/s [\d,]+ tok/s\)", lines[-1])
+
+
+def test_progress_of_a_hub_stream_has_no_eta(tokenizer, tmp_path, capsys):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    write_records(folder / "train.jsonl", [{"text": t} for t in PARAGRAPHS])
+    build_indexed_dataset([f"hf:{folder}"], tokenizer, str(tmp_path / "data"), log_every=0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(PARAGRAPHS) + 1 and all(line.endswith("| ETA unknown") for line in lines[:-1])
