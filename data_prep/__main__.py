@@ -1,4 +1,4 @@
-"""Command line: `python -m data_prep {train-tokenizer,build,build-sharded,merge,verify} ...`."""
+"""Command line: `python -m data_prep {train-tokenizer,build,build-sharded,submit-build,merge,verify} ...`."""
 
 import argparse
 import json
@@ -35,6 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     sharded.add_argument("--documents-per-shard", type=int, required=True)
     sharded.add_argument("--text-field", default="text", help="document field of json/parquet/arrow/hf: records")
     sharded.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+
+    submit = commands.add_parser(
+        "submit-build", help="on a SLURM cluster: one array task per input into <prefix>.part-NNNNN, then a merge job"
+    )
+    submit.add_argument("--input", nargs="+", required=True, help=INPUTS + ", one array task each")
+    submit.add_argument("--tokenizer", required=True, help="tokenizer directory (on a filesystem the nodes share)")
+    submit.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
+    submit.add_argument("--text-field", default="text", help="document field of json/parquet/arrow/hf: records")
+    submit.add_argument("--workers", type=int, default=1, help="tokenizer processes per task")
+    submit.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    submit.add_argument("--cpus-per-task", type=int, help="CPUs per array task (default: --workers)")
+    submit.add_argument("--time-limit-minutes", type=int, default=60, help="per task, and for the merge")
+    submit.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once, at most")
+    submit.add_argument("--log-folder", help="submitit's files and the logs (default: <prefix>.slurm/)")
+    submit.add_argument("--wait", action="store_true", help="wait; print the job ids, then the merged data's summary")
 
     merge = commands.add_parser("merge", help="concatenate shard datasets, in the order given, into <prefix>.bin/.idx")
     merge.add_argument("--shards", nargs="+", required=True, help="shard prefixes (without .bin/.idx)")
@@ -75,6 +90,30 @@ def main(argv: list[str] | None = None) -> int:
                 text_field=args.text_field,
                 workers=args.workers,
             )
+        elif args.command == "submit-build":
+            from data_prep.slurm_array import submit_build, wait_for_build
+
+            build = submit_build(
+                args.input,
+                args.tokenizer,
+                args.output_prefix,
+                text_field=args.text_field,
+                workers=args.workers,
+                partition=args.partition,
+                cpus_per_task=args.cpus_per_task,
+                time_limit_minutes=args.time_limit_minutes,
+                array_parallelism=args.array_parallelism,
+                log_folder=args.log_folder,
+            )
+            summary = {
+                "array_job": build.array_job_id,
+                "merge_job": build.merge_job.job_id,
+                "parts": build.parts,
+                "logs": build.log_folder,
+            }
+            if args.wait:
+                print(json.dumps(summary), flush=True)  # the job ids, before the wait
+                summary = wait_for_build(build)
         elif args.command == "merge":
             from data_prep.shards import merge_shards
 

@@ -5,6 +5,7 @@ output written as it goes, so memory stays flat however large the input. Files a
 under their final names only once complete (write to temp names, then rename).
 """
 
+import glob
 import itertools
 import multiprocessing
 import os
@@ -73,6 +74,12 @@ def is_complete(prefix: str) -> bool:
     except DataPrepError:
         return False
     return True
+
+
+def remove_stale_temp_files(prefix: str) -> None:
+    # A killed writer never reaches its cleanup; its temp files would pile up run after run.
+    for leftover in glob.glob(glob.escape(prefix) + ".tmp-*"):
+        os.remove(leftover)
 
 
 def build_indexed_dataset(

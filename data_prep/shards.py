@@ -6,14 +6,13 @@ and is kept, or does not and is rebuilt: a rerun redoes at most the shards in fl
 """
 
 import gc
-import glob
 import itertools
 import os
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from transformers import PreTrainedTokenizerBase
 
-from data_prep.build import is_complete, write_indexed_dataset
+from data_prep.build import is_complete, remove_stale_temp_files, write_indexed_dataset
 from data_prep.corpus import DataPrepError, expand_paths, iter_documents
 from data_prep.progress import ReadProgress
 from data_prep.verify import verify_indexed_dataset
@@ -21,12 +20,6 @@ from data_prep.verify import verify_indexed_dataset
 
 def shard_prefix(output_prefix: str, index: int) -> str:
     return f"{output_prefix}.shard-{index:05d}"
-
-
-def _remove_stale_temp_files(prefix: str) -> None:
-    # A killed writer never reaches its cleanup; its temp files would pile up run after run.
-    for leftover in glob.glob(glob.escape(prefix) + ".tmp-*"):
-        os.remove(leftover)
 
 
 def build_sharded(
@@ -67,7 +60,7 @@ def build_sharded(
                 )
             kept.append(prefix)
         else:
-            _remove_stale_temp_files(prefix)
+            remove_stale_temp_files(prefix)
             write_indexed_dataset(shard_documents, tokenizer, prefix, workers, read_fraction=progress.fraction)
             built.append(prefix)
         shards.append(prefix)

@@ -1,5 +1,5 @@
 """Shared parts for tests that run the real training loop: a small real corpus, tokenizer and
-Megatron dataset, a tiny recipe, and `pipeline.train` under torchrun."""
+Megatron dataset, a tiny recipe, `pipeline.train` under torchrun, and a local SLURM cluster."""
 
 import gzip
 import os
@@ -13,6 +13,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "assets" / "corpus" / "jargon-4.4.7.txt.gz"
+CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
+CLUSTER_DIR = Path("/tmp/difftron-slurm-tests")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,6 +24,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A real SLURM cluster on this machine (slurm/local_cluster.sh) for the whole session, torn down at the end."""
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(CLUSTER_DIR)}
+    try:
+        up = subprocess.run([str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        up = None
+    if up is None or up.returncode == 3:
+        subprocess.run([str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, timeout=120)
+        reason = "timed out" if up is None else up.stderr.strip().splitlines()[-1]
+        pytest.skip(f"no local SLURM cluster: cannot install Slurm here ({reason})")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(CLUSTER_DIR / "slurm.conf"))
+        # The jobs inherit this environment (sbatch --export=ALL): keep the two cores shared.
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("PYTHONWARNINGS", "ignore")
+        try:
+            assert up.returncode == 0, f"local_cluster.sh up failed:\n{up.stderr[-3000:]}"
+            yield CLUSTER_DIR
+        finally:
+            subprocess.run([str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, timeout=120)
 
 
 def write_tiny_recipe(root: Path, vocab: int, **sections) -> Path:

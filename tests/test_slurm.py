@@ -1,9 +1,8 @@
 """Submission to a real SLURM cluster: ``slurm/local_cluster.sh`` brings one up on this machine
-(munge, slurmdbd on MariaDB, slurmctld, two slurmd posing as node1 and node2) for this module,
-and the jobs go through ``pipeline.launch`` (submitit) like a user's would."""
+(munge, slurmdbd on MariaDB, slurmctld, two slurmd posing as node1 and node2; the ``cluster``
+fixture in conftest.py), and the jobs go through ``pipeline.launch`` (submitit) like a user's would."""
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -19,33 +18,7 @@ from pipeline.export import export_to_hf
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
-CLUSTER_DIR = Path("/tmp/difftron-slurm-tests")
 VOCAB = 520
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    """The local cluster for the whole session, torn down at the end."""
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(CLUSTER_DIR)}
-    try:
-        up = subprocess.run([str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        up = None
-    if up is None or up.returncode == 3:
-        subprocess.run([str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, timeout=120)
-        reason = "timed out" if up is None else up.stderr.strip().splitlines()[-1]
-        pytest.skip(f"no local SLURM cluster: cannot install Slurm here ({reason})")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SLURM_CONF", str(CLUSTER_DIR / "slurm.conf"))
-        # The jobs inherit this environment (sbatch --export=ALL): keep the two cores shared.
-        patch.setenv("OMP_NUM_THREADS", "1")
-        patch.setenv("PYTHONWARNINGS", "ignore")
-        try:
-            assert up.returncode == 0, f"local_cluster.sh up failed:\n{up.stderr[-3000:]}"
-            yield CLUSTER_DIR
-        finally:
-            subprocess.run([str(CLUSTER_SCRIPT), "down"], env=env, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
