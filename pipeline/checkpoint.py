@@ -20,11 +20,18 @@ import shutil
 import time
 import warnings
 import zlib
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint.api import CheckpointException
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+from pipeline.distributed import on_rank0
 
 _ITERATION = re.compile(r"^iter_(\d{7})$")
 
@@ -71,8 +78,9 @@ def verify_checkpoint(path: Path) -> Optional[str]:
     return None
 
 
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The newest complete and undamaged checkpoint under ``root``, or None.
+def latest_checkpoint(root: str | Path, at_most_step: Optional[int] = None) -> Optional[Path]:
+    """The newest complete and undamaged checkpoint under ``root`` (saved at ``at_most_step``
+    or before, when given), or None.
 
     Starts from the ``latest`` pointer (or the newest ``iter_*`` when the pointer is gone)
     and walks back past damaged checkpoints, warning about each.
@@ -85,6 +93,8 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     if pointer.is_file():
         named = pointer.read_text().strip()
         candidates = [p for p in candidates if p.name <= named]
+    if at_most_step is not None:
+        candidates = [p for p in candidates if p.name <= f"iter_{at_most_step:07d}"]
     for path in candidates:
         problem = verify_checkpoint(path)
         if problem is None:
@@ -108,40 +118,161 @@ def _prune(root: Path, keep_last: int, keep_every: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(
-    root: str | Path, step: int, model, optimizer, scheduler, manifest: dict,
-    keep_last: int = 0, keep_every: int = 0,
-) -> Path:
-    """Save model, optimizer and LR schedule at ``step``; every rank calls this."""
+class CheckpointSaver:
+    """Saves checkpoints under ``root``; every rank calls :meth:`save`.
+
+    With ``async_save`` the files are written by a background process (Megatron-Core's async
+    dist_checkpointing) while training goes on; the manifest, the rename and the ``latest``
+    pointer follow once every rank's files are on disk, in :meth:`poll` or :meth:`wait`. One
+    save is in flight at a time. A save that would not fit on the disk is refused before a
+    byte is written; one that fails anyway (disk full) is removed, and the previous
+    checkpoint stays ``latest``.
+    """
+
+    def __init__(self, root: str | Path, keep_last: int = 0, keep_every: int = 0,
+                 async_save: bool = False):
+        self.root = Path(root)
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self._queue = AsyncCallsQueue() if async_save else None
+        self._in_flight: Optional[Path] = None  # the staging directory of an async save
+
+    def save(self, step: int, model, optimizer, scheduler, manifest: dict,
+             progress: Optional[dict] = None) -> Path:
+        self.wait()
+        final = self.root / f"iter_{step:07d}"
+        staging = self.root / f"iter_{step:07d}.tmp"
+        problem = on_rank0(lambda: self._space_problem(final))
+        if problem is not None:
+            raise OSError(problem)
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        model_sd = _unwrap(model).sharded_state_dict()
+        state = {
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "progress": dict(progress or {}),
+        }
+        publish = partial(self._publish, step, staging, final, dict(manifest))
+        with self._cleanup_on_failure(staging, final):
+            if self._queue is None:
+                dist_checkpointing.save(state, str(staging))
+                publish()
+            else:
+                request = dist_checkpointing.save(state, str(staging), async_sharded_save=True)
+                request.add_finalize_fn(publish)
+                self._queue.schedule_async_request(request)
+                self._in_flight = staging
+        return final
+
+    def poll(self) -> None:
+        """Publish an async save whose files every rank has written (a collective)."""
+        if self._queue is not None and self._in_flight is not None:
+            with self._cleanup_on_failure(self._in_flight, None):
+                if self._queue.maybe_finalize_async_calls(blocking=False):
+                    self._in_flight = None
+
+    def wait(self) -> None:
+        """Block until an async save in flight is published (a collective)."""
+        if self._queue is not None and self._in_flight is not None:
+            with self._cleanup_on_failure(self._in_flight, None):
+                self._queue.maybe_finalize_async_calls(blocking=True)
+                self._in_flight = None
+
+    def _publish(self, step: int, staging: Path, final: Path, manifest: dict) -> None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            record = {"step": step, "saved_at": time.time(), **manifest, "files": _file_records(staging)}
+            _write_atomic(staging / "manifest.json", json.dumps(record, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            _write_atomic(self.root / "latest", final.name)
+            _prune(self.root, self.keep_last, self.keep_every)
+        dist.barrier()
+
+    def _space_problem(self, final: Path) -> Optional[str]:
+        """Why the next checkpoint would not fit (sized like the newest one), or None."""
+        newest = self.root / _latest_name(self.root)
+        if not newest.is_dir():
+            return None  # train() checked the first one against an estimate
+        needed = sum(p.stat().st_size for p in newest.iterdir() if p.is_file())
+        free = shutil.disk_usage(self.root).free
+        if free >= needed:
+            return None
+        return (f"checkpoint {final.name} not written: {self.root} has {free / 1e6:.1f} MB free "
+                f"and the last checkpoint took {needed / 1e6:.1f} MB; free space (or lower "
+                f"train.keep_last) and run again to resume from {newest.name}")
+
+    @contextmanager
+    def _cleanup_on_failure(self, staging: Path, final: Optional[Path]):
+        try:
+            yield
+        except (Exception, CheckpointException) as err:  # torch's is a BaseException
+            # A full disk (or any write error) mid-save: drop the partial files, keep the rest.
+            shutil.rmtree(staging, ignore_errors=True)
+            self._in_flight = None
+            name = final.name if final is not None else staging.name.removesuffix(".tmp")
+            raise OSError(
+                f"checkpoint {name}: saving under {self.root} failed ({_reason(err)}); the "
+                f"partial save was removed and {_latest_name(self.root)} is still the latest"
+            ) from err
+
+
+def _reason(err: BaseException) -> str:
+    """A failed save's root cause in a few words ("No space left on device")."""
+    failures = getattr(err, "failures", None)  # torch's CheckpointException: {rank: (error, stack)}
+    if failures:
+        err = next(iter(failures.values()))[0]
+    while not (isinstance(err, OSError) and err.strerror) and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    # Megatron's writer re-raises a worker's OSError as text: "Worker failure: [Errno 28] ...".
+    found = re.search(r"\[Errno \d+\] ([^:']+)", str(err))
+    return found.group(1) if found else f"{type(err).__name__}: {err}"
+
+
+def _latest_name(root: Path) -> str:
+    pointer = root / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+
+
+def check_room_for_first_checkpoint(root: str | Path, model, precision: str) -> None:
+    """Refuse a run whose first checkpoint cannot fit, before any training (a collective).
+
+    At least the fp32 master weights and Adam's two moments (and the bf16 weights) per
+    parameter; Megatron's metadata comes on top.
+    """
     root = Path(root)
-    final = root / f"iter_{step:07d}"
-    staging = root / f"iter_{step:07d}.tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
-    model_sd = _unwrap(model).sharded_state_dict()
-    state = {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-    }
-    dist_checkpointing.save(state, str(staging))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        record = {"step": step, "saved_at": time.time(), **manifest, "files": _file_records(staging)}
-        _write_atomic(staging / "manifest.json", json.dumps(record, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        _write_atomic(root / "latest", final.name)
-        _prune(root, keep_last, keep_every)
-    dist.barrier()
-    return final
+    count = torch.tensor([float(sum(p.numel() for p in model.parameters()))],
+                         device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    needed = count.item() * (14 if precision in ("bf16", "fp8") else 12)
+
+    def problem() -> Optional[str]:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if (root / "latest").is_file() or free >= needed:
+            return None
+        return (f"--out {root.parent}: {free / 1e6:.1f} MB free, but a checkpoint of this model "
+                f"needs at least {needed / 1e6:.1f} MB")
+
+    message = on_rank0(problem)
+    if message is not None:
+        raise OSError(message)
 
 
-def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> int:
-    """Load ``path`` into this layout's model (and optimizer, schedule); returns its step."""
+def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, manifest: dict) -> Path:
+    """One synchronous save (a collective)."""
+    return CheckpointSaver(root).save(step, model, optimizer, scheduler, manifest)
+
+
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> dict:
+    """Load ``path`` into this layout's model (and optimizer, schedule); returns the training
+    progress it holds: ``step`` and what train() keeps beside it (``data_offset``, ...)."""
     model_sd = _unwrap(model).sharded_state_dict()
     request = {"model": model_sd}
     if optimizer is not None:
@@ -153,7 +284,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> 
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return {**state.get("progress", {}), "step": int(state["step"])}
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -120,9 +120,18 @@ class TrainConfig:
     exit_interval: Optional[int] = None
     keep_last: int = 3  # checkpoints kept besides every keep_every-th; 0 keeps all
     keep_every: int = 0
-    # A step with a NaN/Inf loss or gradient is skipped (no update); this many in a row stop
-    # the run.
+    # A step with a NaN/Inf loss or gradient is skipped (no update). After max_bad_steps in a
+    # row, "stop" ends the run; "rollback" reloads the last checkpoint and goes on past the
+    # batches that diverged, at most max_rollbacks times in the run.
     max_bad_steps: int = 3
+    on_bad_steps: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = 2
+    # Write checkpoints in a background process while training goes on (Megatron-Core's
+    # async dist_checkpointing).
+    async_save: bool = False
+    # No progress for this long (a stalled collective or data read) ends the job, and under
+    # SLURM requeues it; also the limit on any one torch.distributed collective.
+    hang_timeout_minutes: float = 30.0
     # Start from this Megatron checkpoint's weights (fresh optimizer and schedule).
     init_checkpoint: Optional[str] = None
 
@@ -344,6 +353,11 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.init.source == "hf" and not cfg.init.hf_model:
         raise ConfigError("init.hf_model: init.source=hf needs the HF model to import (Hub name or folder)")
+    if t.max_bad_steps < 1 or t.max_rollbacks < 0:
+        raise ConfigError(f"train.max_bad_steps / max_rollbacks: expected >= 1 / >= 0, got "
+                          f"{t.max_bad_steps} / {t.max_rollbacks}")
+    if t.hang_timeout_minutes <= 0:
+        raise ConfigError(f"train.hang_timeout_minutes: expected > 0, got {t.hang_timeout_minutes}")
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise ConfigError(f"diffusion.eps: expected 0 < eps < 1, got {cfg.diffusion.eps}")
     validate_slurm(cfg)

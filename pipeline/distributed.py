@@ -18,7 +18,7 @@ from megatron.core import parallel_state, tensor_parallel
 from pipeline.config import RunConfig
 
 
-def init_distributed(cfg: RunConfig, timeout_minutes: int = 10) -> None:
+def init_distributed(cfg: RunConfig) -> None:
     if not torch.cuda.is_available():
         from megatron_ext.cpu_compat import apply_cpu_compat
 
@@ -28,7 +28,7 @@ def init_distributed(cfg: RunConfig, timeout_minutes: int = 10) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.train.hang_timeout_minutes))
     if cfg.parallel.distributed_optimizer and dist.get_backend() == "gloo" and cfg.data_parallel_size > 1:
         raise RuntimeError("parallel.distributed_optimizer: needs NCCL (GPUs); gloo has no reduce-scatter")
     if dist.get_world_size() != cfg.world_size:
@@ -78,3 +78,11 @@ def is_logging_rank() -> bool:
         and parallel_state.get_data_parallel_rank() == 0
         and parallel_state.get_context_parallel_rank() == 0
     )
+
+
+def on_rank0(compute):
+    """``compute()`` run on global rank 0 only (it reads files every rank would otherwise
+    read at once), its result shared with every rank."""
+    result = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]

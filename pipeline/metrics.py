@@ -21,6 +21,7 @@ class MetricsLogger:
         self.start_step = start_step
         self.start_time = time.time()
         self._wandb = None
+        self._wandb_step = 0
         if wandb_mode != "disabled":
             import wandb
 
@@ -37,7 +38,10 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(record, step=step)
+            # wandb drops a step lower than one it has seen (after a rollback): log at the
+            # highest step so far, the record keeps the real one.
+            self._wandb_step = max(self._wandb_step, step)
+            self._wandb.log(record, step=self._wandb_step)
         eta = elapsed / max(done, 1) * (self.total_steps - step - 1)
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         print(f"[{step + 1}/{self.total_steps}] {shown}  eta {eta:.0f}s", file=sys.stderr, flush=True)

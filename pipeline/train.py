@@ -46,8 +46,9 @@ from megatron_ext.model import build_gpt_model
 from pipeline import checkpoint
 from pipeline.config import RunConfig, load_config
 from pipeline.data import build_datasets, megatron_tokenizer, micro_batches
-from pipeline.distributed import init_distributed, is_logging_rank, shutdown_distributed
+from pipeline.distributed import init_distributed, is_logging_rank, on_rank0, shutdown_distributed
 from pipeline.metrics import MetricsLogger
+from pipeline.watchdog import HangWatchdog
 
 # Validation draws its noise from a seed of its own, fixed across evaluations, so the
 # validation loss of different steps is measured on the same corruptions.
@@ -252,20 +253,24 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
     train_set, valid_set = build_datasets(cfg, tokenizer, cfg.train.steps)
 
     ckpt_root = out_dir / "checkpoints"
-    start = 0
-    resume = _on_rank0(lambda: checkpoint.latest_checkpoint(ckpt_root))
+    progress = {"step": 0, "data_offset": 0, "rollbacks": 0}
+    resume = on_rank0(lambda: checkpoint.latest_checkpoint(ckpt_root))
     if resume is not None:
         _check_compatible(cfg, resume, tokenizer.vocab_size)
-        start = checkpoint.load_checkpoint(resume, model, optimizer, scheduler)
-        _print0(f"resumed from {resume} at step {start}")
+        progress.update(checkpoint.load_checkpoint(resume, model, optimizer, scheduler))
+        _print0(f"resumed from {resume} at step {progress['step']}")
     elif cfg.train.init_checkpoint:
         init = Path(cfg.train.init_checkpoint)
-        source = _on_rank0(lambda: checkpoint.latest_checkpoint(init)) or init
+        source = on_rank0(lambda: checkpoint.latest_checkpoint(init)) or init
         _check_compatible(cfg, source, tokenizer.vocab_size)
         checkpoint.load_checkpoint(source, model)
         _print0(f"initialised weights from {source}")
+    checkpoint.check_room_for_first_checkpoint(ckpt_root, model, cfg.train.precision)
+    saver = checkpoint.CheckpointSaver(ckpt_root, cfg.train.keep_last, cfg.train.keep_every,
+                                       cfg.train.async_save)
 
     objective = Objective(cfg, mask_id, cfg.train.seed)
+    start = progress["step"]
     logger = None
     if is_logging_rank():
         logger = MetricsLogger(out_dir, cfg.train.steps, start, cfg.wandb_mode,
@@ -274,8 +279,12 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
                 "mask_token_id": mask_id, "objective": cfg.diffusion.objective}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     train_seconds, steps_timed, interval_losses = 0.0, 0, []
-    bad_steps = 0
-    for step in range(start, cfg.train.steps):
+    bad_steps = steps_this_job = 0
+    watchdog = HangWatchdog(cfg.train.hang_timeout_minutes * 60, dist.get_rank(), cfg.slurm.max_requeues)
+    step = start
+    while step < cfg.train.steps:
+        watchdog.progress(f"step {step}")
+        saver.poll()
         set_attn_mask_type(model, attention_phase(
             cfg.diffusion.objective, step, cfg.diffusion.anneal_steps, _mixes_ar_loss(cfg)
         ))
@@ -286,15 +295,26 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
         began = time.time()
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = run_batch(cfg, model, objective, train_set, step, step, forward_only=False)
+        # A rollback skips the batches that diverged: the data runs data_offset batches ahead.
+        batch_index = step + progress["data_offset"]
+        loss = run_batch(cfg, model, objective, train_set, batch_index, step, forward_only=False)
         if _step_is_bad(loss, model):
             bad_steps += 1
             _print0(f"step {step}: NaN/Inf loss or gradient, update skipped ({bad_steps} in a row)")
+            values["skipped_update"] = bad_steps
             if bad_steps >= cfg.train.max_bad_steps:
+                if cfg.train.on_bad_steps == "rollback" and progress["rollbacks"] < cfg.train.max_rollbacks:
+                    watchdog.progress("rollback")
+                    saver.wait()
+                    step = _roll_back(cfg, ckpt_root, model, optimizer, scheduler, progress,
+                                      step, batch_index, logger)
+                    bad_steps = 0
+                    continue
                 raise FloatingPointError(
                     f"train.max_bad_steps: {bad_steps} steps in a row had a NaN/Inf loss or "
-                    f"gradient (last: step {step}); resume from a checkpoint before the "
-                    f"divergence with a lower train.lr"
+                    f"gradient (last: step {step}"
+                    + (f", after {progress['rollbacks']} rollbacks" if progress["rollbacks"] else "")
+                    + "); resume from a checkpoint before the divergence with a lower train.lr"
                 )
             grad_norm = None
         else:
@@ -318,23 +338,51 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
             )
             train_seconds, steps_timed, interval_losses = 0.0, 0, []
         if (step + 1) % cfg.train.eval_interval == 0 or last:
+            watchdog.progress(f"evaluation after step {step}")
             values["val_loss"] = evaluate(cfg, model, objective, valid_set, step)
             if cfg.diffusion.objective == "diffusion" and cfg.sample.during_training:
                 values["sample"] = training_sample(cfg, model, tokenizer, mask_id, step)
         if logger is not None and values:
             logger.log(step, values)
         # A job of a longer run (a SLURM allocation) stops after exit_interval steps, saved.
-        leaving = cfg.train.exit_interval is not None and step + 1 - start >= cfg.train.exit_interval
+        steps_this_job += 1
+        leaving = cfg.train.exit_interval is not None and steps_this_job >= cfg.train.exit_interval
         if (step + 1) % cfg.train.save_interval == 0 or last or leaving:
+            watchdog.progress(f"saving step {step + 1}")
             manifest["tokens_seen"] = (step + 1) * tokens_per_step
-            checkpoint.save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, manifest,
-                                       cfg.train.keep_last, cfg.train.keep_every)
+            progress["step"] = step + 1
+            saver.save(step + 1, model, optimizer, scheduler, manifest, progress)
+        step += 1
         if leaving:
-            _print0(f"exit_interval: stopping after step {step + 1}; run again to resume")
+            _print0(f"exit_interval: stopping after step {step}; run again to resume")
             break
+    watchdog.progress("the last save")
+    saver.wait()
+    watchdog.stop()
     if logger is not None:
         logger.close()
     shutdown_distributed()
+
+
+def _roll_back(cfg, ckpt_root, model, optimizer, scheduler, progress, step, bad_batch, logger) -> int:
+    """Reload the last good checkpoint saved before the run of bad steps that ends at ``step``
+    and move the data past ``bad_batch``; returns the step to go on from. ``progress`` (saved
+    with every checkpoint) keeps the new data position."""
+    first_bad = step - cfg.train.max_bad_steps + 1
+    good = on_rank0(lambda: checkpoint.latest_checkpoint(ckpt_root, at_most_step=first_bad))
+    if good is None:
+        raise FloatingPointError(
+            f"train.on_bad_steps=rollback: {cfg.train.max_bad_steps} bad steps in a row from "
+            f"step {first_bad} and no checkpoint under {ckpt_root} from before them"
+        )
+    restored = checkpoint.load_checkpoint(good, model, optimizer, scheduler)["step"]
+    progress["data_offset"] = bad_batch + 1 - restored
+    progress["rollbacks"] += 1
+    _print0(f"rolled back to {good.name} (rollback {progress['rollbacks']} of at most "
+            f"{cfg.train.max_rollbacks}); data skips ahead to batch {bad_batch + 1}")
+    if logger is not None:
+        logger.log(restored, {"rollback_to": restored, "data_offset": progress["data_offset"]})
+    return restored
 
 
 def _step_is_bad(loss: float | None, model) -> bool:
@@ -351,13 +399,6 @@ def _step_is_bad(loss: float | None, model) -> bool:
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def _on_rank0(compute):
-    """``compute()`` on global rank 0 (checkpoint verification reads every file), shared."""
-    result = [compute() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(result, src=0)
-    return result[0]
 
 
 def _check_compatible(cfg: RunConfig, path: Path, vocab_size: int) -> None:
