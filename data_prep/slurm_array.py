@@ -21,6 +21,7 @@ from data_prep.build import build_indexed_dataset, remove_stale_temp_files
 from data_prep.corpus import DataPrepError, expand_paths, is_hub_input
 from data_prep.shards import merge_shards
 from data_prep.tokenizer import load_tokenizer
+from pipeline.launch import sinfo_minutes
 
 
 def part_prefix(output_prefix: str, index: int) -> str:
@@ -60,16 +61,6 @@ def _sinfo(*args: str) -> list[str]:
     return [line.split() for line in result.stdout.splitlines() if line.strip()]
 
 
-def _minutes(limit: str) -> int | None:
-    """sinfo's time limit ('infinite', '30:00', '4:00:00', '2-00:00:00') in minutes."""
-    if limit in ("infinite", "UNLIMITED", "n/a"):
-        return None
-    days, _, clock = limit.rpartition("-")
-    fields = [int(f) for f in clock.split(":")]
-    hours, minutes = (fields[0], fields[1]) if len(fields) == 3 else (0, fields[0])
-    return int(days or 0) * 1440 + hours * 60 + minutes
-
-
 def check_cluster(partition: str | None, cpus_per_task: int, time_limit_minutes: int) -> str:
     """Refuse, before submitting, what the cluster cannot run; returns the partition used."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
@@ -79,7 +70,7 @@ def check_cluster(partition: str | None, cpus_per_task: int, time_limit_minutes:
     for name, limit in _sinfo("-o", "%P %l"):
         if name.endswith("*"):
             name = default = name.rstrip("*")
-        limits[name] = _minutes(limit)
+        limits[name] = sinfo_minutes(limit)
     if partition is None:
         if default is None:
             raise DataPrepError(f"partition: the cluster has no default partition; name one of {', '.join(limits)}")

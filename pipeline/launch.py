@@ -177,7 +177,7 @@ def _gpus_in_gres(gres: str) -> int:
     return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", gres))
 
 
-def _minutes(limit: str) -> Optional[int]:
+def sinfo_minutes(limit: str) -> Optional[int]:
     """sinfo's time limit ('infinite', '30:00', '4:00:00', '2-00:00:00') in minutes."""
     if limit in ("infinite", "n/a", "UNLIMITED"):
         return None
@@ -225,7 +225,7 @@ def check_cluster(cfg: RunConfig) -> str:
                    + (f", {s.mem_gb} GB" if s.mem_gb else "")
                    + f" asked, partition {partition!r} has {len(fitting)} such nodes")
         raise LaunchError(why)
-    max_minutes = _minutes(_sinfo("-p", partition, "-o", "%l")[0].strip())
+    max_minutes = sinfo_minutes(_sinfo("-p", partition, "-o", "%l")[0].strip())
     if max_minutes is not None and s.time_limit_minutes > max_minutes:
         raise LaunchError(f"slurm.time_limit_minutes: {s.time_limit_minutes} exceeds partition "
                           f"{partition!r}'s limit of {max_minutes} minutes")

@@ -4,6 +4,7 @@ fixture in conftest.py), and the jobs go through ``pipeline.launch`` (submitit) 
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def wait(job, seconds: float = 240):
 def final_state(job_id: str, seconds: float = 30) -> str:
     """SLURM's state once the job has left (the result appears while the tasks still exit)."""
     deadline = time.time() + seconds
-    while (state := launch.job_state(job_id)) in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING") \
+    while (state := launch.job_state(job_id)) in ("UNKNOWN", "PENDING", "RUNNING", "REQUEUED", "COMPLETING") \
             and time.time() < deadline:
         time.sleep(0.5)
     return state
@@ -130,6 +131,35 @@ def test_preempted_job_resumes_and_ends_like_an_uninterrupted_run(cluster, data,
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_hung_job_is_requeued_by_its_watchdog_until_max_requeues(cluster, tmp_path):
+    # The watchdog the training loop runs, in a job that never makes progress.
+    script = tmp_path / "hang.sbatch"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --output={tmp_path}/hang.log
+#SBATCH --open-mode=append
+#SBATCH --time=5
+echo "attempt ${{SLURM_RESTART_COUNT:-0}}"
+cd {REPO}
+exec {sys.executable} -c "
+import time
+from pipeline.watchdog import HangWatchdog
+HangWatchdog(timeout_s=2, rank=0, max_requeues=1).progress('step 7')
+time.sleep(600)
+"
+""")
+    job_id = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    assert final_state(job_id, seconds=300) == "FAILED"
+    log = (tmp_path / "hang.log").read_text()
+    assert "attempt 0" in log and "attempt 1" in log and "attempt 2" not in log
+    assert log.count("no progress for") == 2 and "in step 7" in log
+    assert f"requeued SLURM job {job_id} (restart 1 of at most 1)" in log
+    assert f"slurm.max_requeues: job {job_id} was requeued 1 times already" in log
+    exit_code = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "ExitCode"],
+                               capture_output=True, text=True).stdout.split()[-1]
+    assert exit_code == "75:0"
 
 
 @pytest.mark.parametrize("overrides, message", [
