@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import numpy as np
@@ -107,6 +108,29 @@ def build_indexed_dataset(
     return write_indexed_dataset(documents, tokenizer, output_prefix, workers, log_every, progress.fraction)
 
 
+@contextmanager
+def staged_output(output_prefix: str):
+    """Yield a temporary prefix to write `.bin/.idx` under; they take `output_prefix`'s names
+    only once the body finished (.idx last: a crash between the renames leaves a new .bin with
+    an old .idx, which fails verification and so gets rebuilt). On any failure the temporary
+    files go, and a write error (a full disk) becomes one line naming the output."""
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
+    try:
+        yield tmp_prefix
+        os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
+        os.replace(tmp_prefix + ".idx", output_prefix + ".idx")
+    except OSError as err:
+        raise DataPrepError(
+            f"{output_prefix}: cannot write the dataset ({err.strerror or err}); its partial files "
+            "were removed, finished outputs are intact"
+        ) from err
+    finally:
+        for leftover in (tmp_prefix + ".bin", tmp_prefix + ".idx"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
 def write_indexed_dataset(
     texts: Iterable[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -126,14 +150,11 @@ def write_indexed_dataset(
     vocab_size = len(tokenizer)
     dtype = DType.optimal_dtype(vocab_size)
     dtype_max = np.iinfo(dtype).max
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
-
     documents = tokens = 0
     min_id, max_id = vocab_size, -1
     start = last_log = time.monotonic()
     first_fraction = read_fraction()
-    try:
+    with staged_output(output_prefix) as tmp_prefix:
         builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
         for ids in _encoded_documents(texts, tokenizer, workers):
             lo, hi = int(ids.min()), int(ids.max())
@@ -156,14 +177,6 @@ def write_indexed_dataset(
                     flush=True,
                 )
         builder.finalize(tmp_prefix + ".idx")
-        # .idx last: a crash between the two renames leaves a new .bin with an old .idx,
-        # which fails verification (size mismatch) and so gets rebuilt next time.
-        os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
-        os.replace(tmp_prefix + ".idx", output_prefix + ".idx")
-    finally:
-        for leftover in (tmp_prefix + ".bin", tmp_prefix + ".idx"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
 
     seconds = time.monotonic() - start
     print(

@@ -7,12 +7,11 @@ and is kept, or does not and is rebuilt: a rerun redoes at most the shards in fl
 
 import gc
 import itertools
-import os
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from transformers import PreTrainedTokenizerBase
 
-from data_prep.build import is_complete, remove_stale_temp_files, write_indexed_dataset
+from data_prep.build import is_complete, remove_stale_temp_files, staged_output, write_indexed_dataset
 from data_prep.corpus import DataPrepError, expand_paths, iter_documents
 from data_prep.progress import ReadProgress
 from data_prep.verify import verify_indexed_dataset
@@ -79,22 +78,15 @@ def merge_shards(shard_prefixes: list[str], output_prefix: str) -> dict:
             raise DataPrepError(f"{prefix}: token dtype {dtype}, but {first} has {dtypes[first]}")
     dtype = IndexedDataset(first).index.dtype
 
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
     # add_index runs a full gc.collect() per shard, ~0.2 s with torch and megatron loaded:
     # minutes for a thousand shards. Freezing moves the objects alive now out of the collector's sight.
     gc.freeze()
     try:
-        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
-        for prefix in shard_prefixes:
-            builder.add_index(prefix)
-        builder.finalize(tmp_prefix + ".idx")
-        # .idx last, as in build.py: a half-renamed pair fails verification.
-        os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
-        os.replace(tmp_prefix + ".idx", output_prefix + ".idx")
+        with staged_output(output_prefix) as tmp_prefix:
+            builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
+            for prefix in shard_prefixes:
+                builder.add_index(prefix)
+            builder.finalize(tmp_prefix + ".idx")
     finally:
         gc.unfreeze()
-        for leftover in (tmp_prefix + ".bin", tmp_prefix + ".idx"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
     return {**verify_indexed_dataset(output_prefix), "shards": len(shard_prefixes)}

@@ -102,3 +102,27 @@ def test_no_space_left_in_the_middle_of_a_save_removes_it_and_keeps_the_previous
     assert not (checkpoints / "iter_0000004.tmp").exists()
     assert latest_checkpoint(checkpoints).name == "iter_0000002"
     assert verify_checkpoint(checkpoints / "iter_0000002") is None
+
+
+def test_data_prep_on_a_full_disk_fails_in_one_line_and_resumes_once_there_is_room(recipe, small_disk):
+    disk = small_disk(size="256k")  # shard 0 takes ~110 KB, the next ones ~18 KB
+    prefix = disk / "corpus"
+    command = [sys.executable, "-m", "data_prep", "build-sharded", "--input", str(recipe.parent / "corpus.txt"),
+               "--tokenizer", str(recipe.parent / "tokenizer"), "--output-prefix", str(prefix),
+               "--documents-per-shard", "500"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    full = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 2
+    error = full.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {prefix}.shard-") and error.endswith(
+        ": cannot write the dataset (No space left on device); its partial files were removed, "
+        "finished outputs are intact")
+    finished = {p.name: p.stat().st_mtime_ns for p in disk.iterdir()}
+    assert finished and not [name for name in finished if ".tmp-" in name]
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kept = json.loads(resumed.stdout)["kept"]
+    assert len(kept) == len(finished) // 2  # a .bin and an .idx per finished shard
+    assert all((disk / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())
