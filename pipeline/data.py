@@ -18,7 +18,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.tokenizers import MegatronTokenizer
 
+from data_prep.corpus import DataPrepError
+from data_prep.verify import check_structure
 from pipeline.config import RunConfig
+from pipeline.distributed import on_rank0
 
 
 @dataclass
@@ -36,10 +39,9 @@ def megatron_tokenizer(name_or_path: str):
 
 def build_datasets(cfg: RunConfig, tokenizer, train_steps: int) -> tuple[GPTDataset, GPTDataset]:
     """Train and validation datasets sized for ``train_steps`` steps and the eval schedule."""
-    for prefix in cfg.data.prefixes:
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                raise FileNotFoundError(f"data.prefixes: {prefix}{suffix} does not exist (run data_prep)")
+    problem = on_rank0(lambda: _dataset_problem(cfg.data.prefixes))
+    if problem is not None:
+        raise ValueError(problem)
     gbs = cfg.train.global_batch_size
     evals = train_steps // max(1, cfg.train.eval_interval) + 1
     sizes = [train_steps * gbs, evals * cfg.train.eval_iters * gbs, 0]
@@ -62,6 +64,20 @@ def build_datasets(cfg: RunConfig, tokenizer, train_steps: int) -> tuple[GPTData
     return train, valid
 
 
+def _dataset_problem(prefixes: list[str]) -> str | None:
+    """Why a prepared dataset cannot be trained on (missing, truncated, a corrupted index), or
+    None; the index is checked, the tokens are not read (``python -m data_prep verify`` does)."""
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                return f"data.prefixes: {prefix}{suffix} does not exist (run data_prep)"
+        try:
+            check_structure(prefix)
+        except DataPrepError as err:
+            return f"data.prefixes: {err}"
+    return None
+
+
 def micro_batches(
     dataset, step: int, global_batch_size: int, micro_batch_size: int
 ) -> Iterator[MicroBatch]:
@@ -73,8 +89,24 @@ def micro_batches(
     for start in range(first, first + per_rank, micro_batch_size):
         ids = list(range(start, start + micro_batch_size))
         samples = [dataset[i % len(dataset)] for i in ids]
-        yield MicroBatch(
+        batch = MicroBatch(
             tokens=torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long(),
             labels=torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long(),
             sample_ids=torch.tensor(ids),
+        )
+        _check_token_ids(batch, dataset.config.tokenizer.vocab_size)
+        yield batch
+
+
+def _check_token_ids(batch: MicroBatch, vocab_size: int) -> None:
+    """An id outside the vocabulary (corrupted tokens, another tokenizer's dataset) would index
+    past the embedding table: a clear error instead, naming the sample."""
+    ids = torch.cat([batch.tokens, batch.labels], dim=1)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"data: sample {int(batch.sample_ids[row])} holds token id "
+            f"{int(ids[row][bad[row]][0])}, outside the tokenizer's {vocab_size} ids "
+            f"(a corrupted .bin, or data prepared with another tokenizer: python -m data_prep verify)"
         )
