@@ -168,12 +168,14 @@ class CheckpointSaver:
                 self._in_flight = staging
         return final
 
-    def poll(self) -> None:
-        """Publish an async save whose files every rank has written (a collective)."""
+    def poll(self) -> bool:
+        """Publish an async save whose files every rank has written (a collective); True once
+        no save is in flight."""
         if self._queue is not None and self._in_flight is not None:
             with self._cleanup_on_failure(self._in_flight, None):
                 if self._queue.maybe_finalize_async_calls(blocking=False):
                     self._in_flight = None
+        return self._in_flight is None
 
     def wait(self) -> None:
         """Block until an async save in flight is published (a collective)."""
