@@ -29,7 +29,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
 
 def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[np.ndarray]:
     """Token ids + EOS for each text; one batched call, so a fast tokenizer encodes in Rust."""
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # A document's text is only text: a literal "<|endoftext|>" or "<|mask|>" in it is encoded
+    # as characters, never as the EOS (a false document end) or the diffusion mask.
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return [np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int64) for ids in encoded]
 
 

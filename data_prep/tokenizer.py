@@ -59,12 +59,23 @@ def _save_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: str) -> None:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local folder or an HF hub name."""
+    """Load a tokenizer from a local folder or an HF hub name, tokenizing as its files say.
+
+    The generic fast tokenizer runs tokenizer.json as written, or converts tokenizer.model to
+    tokenize as SentencePiece does. AutoTokenizer instead rebuilds some models' pipelines in
+    code, and transformers 5's LlamaTokenizer then fuses a leading space into SentencePiece's
+    dummy prefix: every document that starts with whitespace would get other ids than
+    LLaMA-2 saw in pretraining. The model's own class only reads what nothing else can
+    (GPT-2's vocab.json + merges.txt alone).
+    """
     # Otherwise a mistyped local path reaches the hub and fails with a repo-id error.
     if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise DataPrepError(f"{name_or_path}: no such tokenizer directory")
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        except ValueError:  # neither tokenizer.json nor tokenizer.model (or the hub is out of reach)
+            return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # OSError, ValueError, JSON errors...: all mean "can't use this"
         gist = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataPrepError(f"{name_or_path}: cannot load tokenizer: {gist}") from e
