@@ -51,11 +51,26 @@ def _crc32(path: Path) -> str:
 
 
 def _file_records(directory: Path) -> dict[str, dict]:
-    return {
-        p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != "manifest.json"
-    }
+    """Size and CRC-32 of every file of a checkpoint (a collective).
+
+    Each rank checksums the shard files it wrote (torch's ``__<rank>_<n>.distcp``), so a
+    large checkpoint is read back in parallel rather than by rank 0 alone; rank 0 takes
+    what no rank claimed (metadata, common state).
+    """
+    rank = dist.get_rank()
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != "manifest.json")
+    mine = {p.name: _record(p) for p in files if p.name.startswith(f"__{rank}_")}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return {}
+    records = {name: record for part in gathered for name, record in part.items()}
+    records.update({p.name: _record(p) for p in files if p.name not in records})
+    return dict(sorted(records.items()))
+
+
+def _record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
 
 
 def verify_checkpoint(path: Path) -> Optional[str]:
@@ -185,9 +200,9 @@ class CheckpointSaver:
                 self._in_flight = None
 
     def _publish(self, step: int, staging: Path, final: Path, manifest: dict) -> None:
-        dist.barrier()
+        files = _file_records(staging)  # every rank's files are complete once all get here
         if dist.get_rank() == 0:
-            record = {"step": step, "saved_at": time.time(), **manifest, "files": _file_records(staging)}
+            record = {"step": step, "saved_at": time.time(), **manifest, "files": files}
             _write_atomic(staging / "manifest.json", json.dumps(record, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
