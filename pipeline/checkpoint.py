@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 import zlib
@@ -73,8 +74,12 @@ def _record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
 
 
-def verify_checkpoint(path: Path) -> Optional[str]:
-    """Why ``path`` is not a complete, undamaged checkpoint, or None when it is."""
+def verify_checkpoint(path: Path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
+    """Why ``path`` is not a complete, undamaged checkpoint, or None when it is.
+
+    ``share=(i, n)`` checks only the i-th of every n files (by name) against the manifest:
+    n processes, one share each, check all of it in parallel.
+    """
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return "no manifest.json (an interrupted save)"
@@ -82,8 +87,9 @@ def verify_checkpoint(path: Path) -> Optional[str]:
         expected = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError):
         return "manifest.json is unreadable"
-    for name, record in expected.items():
-        file = path / name
+    index, count = share
+    for name in sorted(expected)[index::count]:
+        record, file = expected[name], path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != record["bytes"]:
@@ -93,16 +99,11 @@ def verify_checkpoint(path: Path) -> Optional[str]:
     return None
 
 
-def latest_checkpoint(root: str | Path, at_most_step: Optional[int] = None) -> Optional[Path]:
-    """The newest complete and undamaged checkpoint under ``root`` (saved at ``at_most_step``
-    or before, when given), or None.
-
-    Starts from the ``latest`` pointer (or the newest ``iter_*`` when the pointer is gone)
-    and walks back past damaged checkpoints, warning about each.
-    """
-    root = Path(root)
+def _candidates(root: Path, at_most_step: Optional[int]) -> list[Path]:
+    """The checkpoints to try, newest first: from the ``latest`` pointer (or the newest
+    ``iter_*`` when the pointer is gone) back, none after ``at_most_step`` when given."""
     if not root.is_dir():
-        return None
+        return []
     candidates = sorted((p for p in root.iterdir() if _ITERATION.match(p.name)), reverse=True)
     pointer = root / "latest"
     if pointer.is_file():
@@ -110,11 +111,33 @@ def latest_checkpoint(root: str | Path, at_most_step: Optional[int] = None) -> O
         candidates = [p for p in candidates if p.name <= named]
     if at_most_step is not None:
         candidates = [p for p in candidates if p.name <= f"iter_{at_most_step:07d}"]
-    for path in candidates:
+    return candidates
+
+
+def latest_checkpoint(root: str | Path, at_most_step: Optional[int] = None) -> Optional[Path]:
+    """The newest complete and undamaged checkpoint under ``root`` (saved at ``at_most_step``
+    or before, when given), or None; walks back past damaged checkpoints, warning about each."""
+    for path in _candidates(Path(root), at_most_step):
         problem = verify_checkpoint(path)
         if problem is None:
             return path
         warnings.warn(f"checkpoint {path} is unusable ({problem}); trying the previous one")
+    return None
+
+
+def latest_checkpoint_all_ranks(root: str | Path, at_most_step: Optional[int] = None) -> Optional[Path]:
+    """``latest_checkpoint`` as a collective: each rank checks its share of every candidate's
+    files, so a large checkpoint is read back in parallel rather than by one process."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for path in on_rank0(lambda: _candidates(Path(root), at_most_step)):
+        problems = [None] * world
+        dist.all_gather_object(problems, verify_checkpoint(path, share=(rank, world)))
+        problem = next((p for p in problems if p is not None), None)
+        if problem is None:
+            return path
+        if rank == 0:  # printed: the training log must show it whatever PYTHONWARNINGS says
+            print(f"warning: checkpoint {path} is unusable ({problem}); trying the previous one",
+                  file=sys.stderr, flush=True)
     return None
 
 

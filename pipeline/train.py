@@ -46,7 +46,7 @@ from megatron_ext.model import build_gpt_model
 from pipeline import checkpoint
 from pipeline.config import RunConfig, load_config
 from pipeline.data import build_datasets, megatron_tokenizer, micro_batches
-from pipeline.distributed import init_distributed, is_logging_rank, on_rank0, shutdown_distributed
+from pipeline.distributed import init_distributed, is_logging_rank, shutdown_distributed
 from pipeline.metrics import MetricsLogger
 from pipeline.watchdog import HangWatchdog
 
@@ -254,14 +254,14 @@ def train(cfg: RunConfig, out_dir: Path) -> None:
 
     ckpt_root = out_dir / "checkpoints"
     progress = {"step": 0, "data_offset": 0, "rollbacks": 0}
-    resume = on_rank0(lambda: checkpoint.latest_checkpoint(ckpt_root))
+    resume = checkpoint.latest_checkpoint_all_ranks(ckpt_root)
     if resume is not None:
         _check_compatible(cfg, resume, tokenizer.vocab_size)
         progress.update(checkpoint.load_checkpoint(resume, model, optimizer, scheduler))
         _print0(f"resumed from {resume} at step {progress['step']}")
     elif cfg.train.init_checkpoint:
         init = Path(cfg.train.init_checkpoint)
-        source = on_rank0(lambda: checkpoint.latest_checkpoint(init)) or init
+        source = checkpoint.latest_checkpoint_all_ranks(init) or init
         _check_compatible(cfg, source, tokenizer.vocab_size)
         checkpoint.load_checkpoint(source, model)
         _print0(f"initialised weights from {source}")
@@ -369,7 +369,7 @@ def _roll_back(cfg, ckpt_root, model, optimizer, scheduler, progress, step, bad_
     and move the data past ``bad_batch``; returns the step to go on from. ``progress`` (saved
     with every checkpoint) keeps the new data position."""
     first_bad = step - cfg.train.max_bad_steps + 1
-    good = on_rank0(lambda: checkpoint.latest_checkpoint(ckpt_root, at_most_step=first_bad))
+    good = checkpoint.latest_checkpoint_all_ranks(ckpt_root, at_most_step=first_bad)
     if good is None:
         raise FloatingPointError(
             f"train.on_bad_steps=rollback: {cfg.train.max_bad_steps} bad steps in a row from "

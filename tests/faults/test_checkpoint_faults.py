@@ -126,3 +126,22 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path):
     with pytest.raises(OSError, match=r"--out .*file/run: cannot write there"):
         check_writable(blocked / "run")
     assert blocked.read_text().startswith("a file")
+
+
+def test_every_rank_checks_its_share_of_a_checkpoint_on_resume(recipe, tmp_path):
+    out = tmp_path / "run"
+    torchrun_train(recipe, out, 2, "parallel.tp=2", "train.exit_interval=4")
+    damaged = out / "checkpoints" / "iter_0000004"
+    # The second file by name: rank 1's share (rank r checks files r, r + 2, ...).
+    second = sorted(json.loads((damaged / "manifest.json").read_text())["files"])[1]
+    data = bytearray((damaged / second).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / second).write_bytes(bytes(data))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "pipeline.train", "--config", str(recipe), "--out", str(out),
+               "parallel.nproc_per_node=2", "parallel.tp=2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'iter_0000002'} at step 2" in result.stdout
+    assert f"iter_0000004 is unusable ({second} fails its CRC-32 check (corrupted))" in result.stderr
