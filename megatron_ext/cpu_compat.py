@@ -2,7 +2,7 @@
 
 Megatron-Core assumes a GPU: it creates tensors with ``device='cuda'`` or
 ``torch.cuda.current_device()`` (RoPE frequencies, DDP buffers, optimizer scalars, grad
-clipping), checks ``tensor.type() == 'torch.cuda.FloatTensor'``, and keeps its
+clipping) or in pinned memory (RoPE under context parallelism), checks ``tensor.type() == 'torch.cuda.FloatTensor'``, and keeps its
 tensor-parallel RNG streams as CUDA generator states. On a CPU-only machine this module
 points all of that at the CPU: a torch-function mode rewrites CUDA devices to ``cpu``, and
 the RNG tracker stores CPU generator states. It is applied only when CUDA is absent; on a
@@ -39,6 +39,8 @@ class _CudaAsCpu(TorchFunctionMode):
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # page-locking needs a CUDA driver (context-parallel RoPE)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

@@ -3,7 +3,8 @@
 LLaMA: RMSNorm, SwiGLU, RoPE, no biases, optional GQA. GPT-2: LayerNorm, GELU, learned
 positions, biases, tied embeddings. On GPUs with Transformer Engine the TE layer spec
 (BF16/FP8 kernels); elsewhere Megatron-Core's local spec. The attention modules are built
-for arbitrary masks and switched per phase by ``attention.set_attn_mask_type``.
+for arbitrary masks and switched per phase by ``attention.set_attn_mask_type``; with context
+parallelism their core attention is ``context_parallel.ContextParallelAttention``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_ext.context_parallel import ContextParallelAttention
 from pipeline.config import ModelConfig, ParallelConfig
 
 
@@ -75,7 +77,7 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def layer_spec(model: ModelConfig):
+def layer_spec(model: ModelConfig, parallel: ParallelConfig):
     if use_transformer_engine(model):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -85,6 +87,9 @@ def layer_spec(model: ModelConfig):
             normalization="RMSNorm" if model.family == "llama" else "LayerNorm"
         )
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    if parallel.cp > 1:
+        # Neither Megatron's local attention nor TE's CP attention takes the annealing masks.
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     return spec
 
 
@@ -94,7 +99,7 @@ def build_gpt_model(
     """This rank's stage of the model (pre/post-process flags from Megatron's parallel state)."""
     return GPTModel(
         config=transformer_config(model, parallel, precision),
-        transformer_layer_spec=layer_spec(model),
+        transformer_layer_spec=layer_spec(model, parallel),
         vocab_size=padded_vocab_size(vocab_size, model.vocab_divisible_by, parallel.tp),
         max_sequence_length=max(seq_length, model.max_position_embeddings),
         pre_process=parallel_state.is_pipeline_first_stage(),
