@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 _PER_SAMPLE, _PER_BATCH = 0, 1  # independent streams of the same seed
 
@@ -87,20 +88,28 @@ def diffusion_loss(
     loss_mask: torch.Tensor,
     t: torch.Tensor,
     normalization: str,
+    sequence_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce per-position cross-entropy [B, L] to the micro-batch loss.
 
     Returns (loss, number of counted tokens). ``normalization`` "masked" divides the
     1/t-weighted sum by the number of counted tokens (DiffuLLaMA); "sequence" divides by
-    B * L (LLaDA / SMDM).
+    B * L (LLaDA / SMDM). With context parallelism each rank of ``sequence_group`` holds a
+    slice of every sequence: the denominator is then that of the whole sequences, so the
+    ranks' losses add up to the loss of the micro-batch.
     """
     weights = loss_mask.float() / t[:, None]
     total = (token_ce.float() * weights).sum()
     counted = loss_mask.sum()
+    positions = torch.tensor(float(token_ce.numel()), device=token_ce.device)
+    if sequence_group is not None:
+        counted = counted.clone()
+        dist.all_reduce(counted, group=sequence_group)
+        positions = positions * sequence_group.size()
     if normalization == "masked":
         denominator = counted.clamp(min=1).float()
     elif normalization == "sequence":
-        denominator = torch.tensor(float(token_ce.numel()), device=token_ce.device)
+        denominator = positions
     else:
         raise ValueError(f"diffusion.normalization: unknown {normalization!r}")
     return total / denominator, counted

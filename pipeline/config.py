@@ -336,10 +336,10 @@ def validate(cfg: RunConfig) -> None:
         )
     if m.num_layers % p.pp:
         raise ConfigError(f"parallel.pp: {p.pp} does not divide model.num_layers={m.num_layers}")
-    if p.cp > 1:
+    if p.cp > 1 and cfg.data.seq_length % (2 * p.cp):
         raise ConfigError(
-            "parallel.cp: context parallelism is not wired into the training loop yet (it needs "
-            "per-rank sequence slices and TE attention); expected 1"
+            f"data.seq_length: {cfg.data.seq_length} must split into 2 x parallel.cp = {2 * p.cp} "
+            f"equal chunks (context parallelism's load-balanced split)"
         )
     if cfg.data.seq_length > m.max_position_embeddings:
         raise ConfigError(

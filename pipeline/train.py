@@ -31,6 +31,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_ext.attention import (
     anneal_ratio,
@@ -98,25 +99,55 @@ class Objective:
                 labels = torch.cat([labels, batch.labels])
             if attention_mask is not None:
                 attention_mask = attention_mask.to(device)
-        position_ids = torch.arange(length).unsqueeze(0).expand_as(inputs)
+        position_ids = torch.arange(length).repeat(inputs.shape[0], 1)
+        cp_group = _context_parallel_group()
+        if cp_group is not None:
+            # This rank's chunks of every sequence, and the mask rows of its queries: noise,
+            # targets and the shift were all decided on the whole sequences above.
+            local = get_batch_on_this_cp_rank({
+                "tokens": inputs, "labels": labels, "loss_mask": loss_mask,
+                "position_ids": position_ids, "attention_mask": attention_mask,
+            })
+            inputs, labels, loss_mask = local["tokens"], local["labels"], local["loss_mask"]
+            position_ids, attention_mask = local["position_ids"], local["attention_mask"]
         token_ce = model(
             inputs.to(device), position_ids.to(device), attention_mask, labels=labels.to(device)
         )
         normalization = "masked" if d.objective == "ar" else d.normalization
-        return token_ce, partial(self._loss, loss_mask.to(device), t.to(device), normalization, ar_weight)
+        return token_ce, partial(self._loss, loss_mask.to(device), t.to(device), normalization,
+                                 ar_weight, cp_group)
 
     @staticmethod
-    def _loss(loss_mask, t, normalization, ar_weight, token_ce):
+    def _loss(loss_mask, t, normalization, ar_weight, cp_group, token_ce):
+        """The micro-batch loss of this rank's share of the sequences (with context
+        parallelism the schedule scales it by the CP size and DDP averages over CP ranks);
+        the logged values are those of the whole sequences."""
         batch = loss_mask.shape[0]
-        loss, counted = diffusion_loss(token_ce[:batch], loss_mask, t, normalization)
+        loss, counted = diffusion_loss(token_ce[:batch], loss_mask, t, normalization, cp_group)
         logs = {"counted_tokens": counted.detach().float()}
         if ar_weight:
-            ar_loss = token_ce[batch:].float().mean()
-            logs["ar_loss"] = ar_loss.detach().clone()
+            # The mean next-token cross-entropy of the clean copies.
+            ar_loss, _ = diffusion_loss(token_ce[batch:], torch.ones_like(loss_mask), torch.ones_like(t),
+                                        "sequence", cp_group)
+            logs["ar_loss"] = _sum_over(ar_loss, cp_group)
             loss = loss + ar_weight * ar_loss
-        # clone: the schedule divides the returned loss in place by the micro-batch count.
-        logs["loss"] = loss.detach().clone()
+        logs["loss"] = _sum_over(loss, cp_group)
         return loss, logs
+
+
+def _context_parallel_group():
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
+
+
+def _sum_over(value: torch.Tensor, group) -> torch.Tensor:
+    """A detached copy of ``value`` summed over ``group`` (a copy: the schedule scales the
+    returned loss in place)."""
+    value = value.detach().clone()
+    if group is not None:
+        dist.all_reduce(value, group=group)
+    return value
 
 
 @torch.no_grad()
@@ -124,10 +155,12 @@ def training_sample(cfg: RunConfig, model, tokenizer, mask_id: int, step: int):
     """A short diffusion sample from the model being trained, decoded bidirectionally.
 
     Every rank of the first data-parallel replica decodes in lockstep (the same seed, logits
-    gathered over TP); other replicas, and pipeline-parallel layouts (whose stages would have
-    to pass activations per call), return None.
+    gathered over TP); other replicas, and pipeline- or context-parallel layouts (whose ranks
+    would have to pass activations or split the sequence per call), return None.
     """
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1 or parallel_state.get_data_parallel_rank() != 0:
+    if (parallel_state.get_pipeline_model_parallel_world_size() > 1
+            or parallel_state.get_context_parallel_world_size() > 1
+            or parallel_state.get_data_parallel_rank() != 0):
         return None
     s = cfg.sample
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"

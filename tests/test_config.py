@@ -53,6 +53,12 @@ def test_bad_input_is_one_clear_line(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_context_parallel_needs_a_sequence_that_splits_evenly():
+    assert load_config("configs/tiny.yaml", ["parallel.cp=2"]).parallel.cp == 2
+    with pytest.raises(ConfigError, match=r"data.seq_length: 126 must split into 2 x parallel.cp = 4 "):
+        load_config("configs/tiny.yaml", ["parallel.cp=2", "data.seq_length=126"])
+
+
 def test_missing_recipe(tmp_path):
     with pytest.raises(ConfigError, match="recipe not found"):
         load_config(tmp_path / "nope.yaml")

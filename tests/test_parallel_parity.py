@@ -1,4 +1,4 @@
-"""TP=2, PP=2 and DP=2 train exactly like one process: same batch, noise and annealing mask,
+"""TP=2, PP=2, CP=2 and DP=2 train exactly like one process: same batch, noise and annealing mask,
 same loss and gradient norm, step after step (the loss of later steps checks the updates)."""
 
 import json
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 # 1024 rows are a multiple of 64 x TP for TP = 1 and 2: both layouts pad the vocab alike.
 VOCAB = 1024
-LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "cp2": ["parallel.cp=2"], "dp2": []}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Resharding mid-run: a run saved at TP=2 resumes at TP=1 (and PP=2) and continues with the
-loss an uninterrupted TP=1 run has, within float tolerance (the layouts sum in another order)."""
+"""Resharding mid-run: a run saved at TP=2 resumes at TP=1 (and PP=2), one saved at CP=2 at
+CP=1, and each continues with the loss an uninterrupted single-process run has, within float
+tolerance (the layouts sum in another order)."""
 
 import json
 
@@ -17,16 +18,20 @@ def losses(out):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("resume_layout", [["parallel.tp=1"], ["parallel.pp=2"]], ids=["tp1", "pp2"])
-def test_tp2_checkpoint_resumes_at_another_layout(tmp_path, resume_layout):
+@pytest.mark.parametrize(
+    "save_layout, resume_layout",
+    [("parallel.tp=2", "parallel.tp=1"), ("parallel.tp=2", "parallel.pp=2"), ("parallel.cp=2", "parallel.cp=1")],
+    ids=["tp2-tp1", "tp2-pp2", "cp2-cp1"],
+)
+def test_checkpoint_resumes_at_another_layout(tmp_path, save_layout, resume_layout):
     recipe = write_tiny_recipe(tmp_path, VOCAB, diffusion={"anneal_steps": 3},
                                train={"steps": 6, "save_interval": 100, "lr": 3e-3})
     reference = tmp_path / "reference"
     torchrun_train(recipe, reference, 1)
     run = tmp_path / "run"
-    torchrun_train(recipe, run, 2, "parallel.tp=2", "train.exit_interval=3")
-    nproc = 2 if resume_layout == ["parallel.pp=2"] else 1
-    torchrun_train(recipe, run, nproc, *resume_layout)
+    torchrun_train(recipe, run, 2, save_layout, "train.exit_interval=3")
+    nproc = 2 if resume_layout == "parallel.pp=2" else 1
+    torchrun_train(recipe, run, nproc, resume_layout)
     expected, got = losses(reference), losses(run)
     assert sorted(got) == list(range(6))
     for step in range(6):
