@@ -1,8 +1,6 @@
 """One rank of test_context_parallel: CP attention on this rank's chunks against a plain
 softmax attention over the whole sequence (written here, independent of the module)."""
 
-import sys
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -26,12 +24,7 @@ def reference_attention(q, k, v, mask):
     return torch.einsum("bhqk,kbhd->qbhd", scores.softmax(dim=-1), v).reshape(SEQ, BATCH, -1)
 
 
-def main(kind: str) -> None:
-    apply_cpu_compat()
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(context_parallel_size=2)
-    rank = parallel_state.get_context_parallel_rank()
-
+def check(kind: str, rank: int) -> None:
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, generator=generator, requires_grad=True)
     k = torch.randn(SEQ, BATCH, KV_HEADS, HEAD_DIM, generator=generator, requires_grad=True)
@@ -60,9 +53,17 @@ def main(kind: str) -> None:
     torch.testing.assert_close(local_q.grad, q.grad[rows])
     torch.testing.assert_close(local_k.grad, k.grad[rows])
     torch.testing.assert_close(local_v.grad, v.grad[rows])
-    print(f"rank {rank}: outputs and gradients match", flush=True)
+    print(f"rank {rank}: {kind}: outputs and gradients match", flush=True)
+
+
+def main() -> None:
+    apply_cpu_compat()
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    for kind in ("causal", "annealing", "none"):
+        check(kind, parallel_state.get_context_parallel_rank())
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

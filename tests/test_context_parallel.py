@@ -22,13 +22,12 @@ def test_chunks_are_megatrons_load_balanced_split():
     assert torch.equal(covered, torch.arange(8))
 
 
-@pytest.mark.parametrize("mask", ["causal", "annealing", "none"])
-def test_cp2_attention_equals_whole_sequence_attention(mask):
+def test_cp2_attention_equals_whole_sequence_attention():
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(WORKER), mask],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER)],
         cwd=WORKER.parents[1], env=env, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("match") == 2, result.stdout
+    for mask in ("causal", "annealing", "none"):
+        assert result.stdout.count(f"{mask}: outputs and gradients match") == 2, result.stdout

@@ -18,21 +18,28 @@ def losses(out):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The recipe and its uninterrupted single-process losses."""
+    root = tmp_path_factory.mktemp("reshard")
+    recipe = write_tiny_recipe(root, VOCAB, diffusion={"anneal_steps": 3},
+                               train={"steps": 6, "save_interval": 100, "lr": 3e-3})
+    torchrun_train(recipe, root / "reference", 1)
+    return recipe, losses(root / "reference")
+
+
 @pytest.mark.parametrize(
     "save_layout, resume_layout",
     [("parallel.tp=2", "parallel.tp=1"), ("parallel.tp=2", "parallel.pp=2"), ("parallel.cp=2", "parallel.cp=1")],
     ids=["tp2-tp1", "tp2-pp2", "cp2-cp1"],
 )
-def test_checkpoint_resumes_at_another_layout(tmp_path, save_layout, resume_layout):
-    recipe = write_tiny_recipe(tmp_path, VOCAB, diffusion={"anneal_steps": 3},
-                               train={"steps": 6, "save_interval": 100, "lr": 3e-3})
-    reference = tmp_path / "reference"
-    torchrun_train(recipe, reference, 1)
+def test_checkpoint_resumes_at_another_layout(reference, tmp_path, save_layout, resume_layout):
+    recipe, expected = reference
     run = tmp_path / "run"
     torchrun_train(recipe, run, 2, save_layout, "train.exit_interval=3")
     nproc = 2 if resume_layout == "parallel.pp=2" else 1
     torchrun_train(recipe, run, nproc, resume_layout)
-    expected, got = losses(reference), losses(run)
+    got = losses(run)
     assert sorted(got) == list(range(6))
     for step in range(6):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
