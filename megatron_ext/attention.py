@@ -8,11 +8,11 @@ From r = 1 on there is no mask at all, so attention runs on the fused bidirectio
 
 A structured alternative ("window"): every query sees the whole past and the next
 w = floor(r * L) future tokens, a band that widens to full attention. Its masks are the
-sliding windows (left = all, right = w) that flash / fused kernels can run natively, so annealing
-need not leave the fast path (for now the band is passed as an explicit mask like the random
-one; handing it to TE as ``window_size`` waits for a GPU to verify it on); the trade-off is that the opened future edges are always the
-nearest ones rather than a uniform random subset, so the model never sees long-range future
-context before the window reaches it.
+sliding windows (left = all, right = w) that flash / fused kernels can run natively, so
+annealing need not leave the fast path (for now the band is passed as an explicit mask like
+the random one; handing it to TE as ``window_size`` waits for a GPU to verify it on); the
+trade-off is that the opened future edges are always the nearest ones rather than a uniform
+random subset, so the model never sees long-range future context before the window reaches it.
 
 Megatron-Core fixes the mask *type* of each attention module at build time, and fused / TE
 kernels of a causal type ignore a passed mask. ``set_attn_mask_type`` therefore switches the

@@ -30,9 +30,14 @@ from megatron.core.transformer.module import MegatronModule
 from torch.distributed.nn.functional import all_gather
 
 
+def rank_chunks(rank: int, cp_size: int) -> tuple[int, int]:
+    """The two sequence chunks (of 2 * cp_size) that CP rank ``rank`` holds."""
+    return rank, 2 * cp_size - 1 - rank
+
+
 def chunk_order(cp_size: int) -> list[int]:
     """The sequence chunks in the order an all-gather over the CP group returns them."""
-    return [chunk for rank in range(cp_size) for chunk in (rank, 2 * cp_size - 1 - rank)]
+    return [chunk for rank in range(cp_size) for chunk in rank_chunks(rank, cp_size)]
 
 
 def gather_sequence(local: torch.Tensor, group) -> torch.Tensor:
@@ -48,9 +53,7 @@ def gather_sequence(local: torch.Tensor, group) -> torch.Tensor:
 def local_query_positions(local_len: int, cp_rank: int, cp_size: int) -> torch.Tensor:
     """Global positions of this rank's queries (its two chunks)."""
     chunk = local_len // 2
-    first, second = cp_rank, 2 * cp_size - 1 - cp_rank
-    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk),
-                      torch.arange(second * chunk, (second + 1) * chunk)])
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in rank_chunks(cp_rank, cp_size)])
 
 
 class ContextParallelAttention(MegatronModule):

@@ -4,9 +4,9 @@ Megatron-Core assumes a GPU: it creates tensors with ``device='cuda'`` or
 ``torch.cuda.current_device()`` (RoPE frequencies, DDP buffers, optimizer scalars, grad
 clipping) or in pinned memory (RoPE under context parallelism), checks
 ``tensor.type() == 'torch.cuda.FloatTensor'``, and keeps its tensor-parallel RNG streams as
-CUDA generator states. On a CPU-only machine this module
-points all of that at the CPU: a torch-function mode rewrites CUDA devices to ``cpu``, and
-the RNG tracker stores CPU generator states. It is applied only when CUDA is absent; on a
+CUDA generator states. On a CPU-only machine this module points all of that at the CPU: a
+torch-function mode rewrites CUDA devices to ``cpu``, and the RNG tracker stores CPU
+generator states. It is applied only when CUDA is absent; on a
 GPU machine nothing here runs.
 """
 
